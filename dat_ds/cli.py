@@ -1,0 +1,101 @@
+"""Command-line plumbing shared by the recipes: flags in, a plain ``TrainConfig`` out.
+
+The library never sees ``argparse``; a recipe calls :func:`parser` with its own defaults,
+then :func:`train_config` and :func:`run`. Bad input ends the process with one line on
+stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from fractions import Fraction
+from typing import Callable, Optional
+
+from . import attacks
+
+
+def number(text: str) -> float:
+    """A float that may be written as a fraction, e.g. ``8/255``."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def parser(description: str, **defaults) -> argparse.ArgumentParser:
+    """The contract every recipe keeps; ``defaults`` set the recipe's own starting values."""
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+    g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training samples")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+    g.add_argument("--img-size", type=int, default=None, help="input resolution (imagefolder)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet18", help="any timm model name")
+    g.add_argument("--stem", default="auto", choices=("auto", "small", "native"),
+                   help="small: 3x3 stride-1 stem for small images (auto: inputs <= 64 px); native: timm's stem")
+    g = p.add_argument_group("attack (inner maximization)")
+    g.add_argument("--attack", default="pgd", choices=attacks.names(), help="training attack")
+    g.add_argument("--eps", type=number, default=0.1, help="Linf radius in [0,1] pixels, e.g. 8/255")
+    g.add_argument("--alpha", type=number, default=None, help="step size (default: the attack's own rule)")
+    g.add_argument("--steps", type=int, default=10, help="attack steps (PGD-k)")
+    g.add_argument("--bn-mode", default="eval", choices=attacks.BN_MODES, help="BatchNorm mode during the attack")
+    g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compressor", default="none", help="gradient compressor")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="runs/dat")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb-project", default="dat-ds")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(p)
+    p.set_defaults(deepspeed_config="ds_configs/lamb_fp32.json")
+    p.set_defaults(**defaults)
+    return p
+
+
+def train_config(args: argparse.Namespace):
+    from .trainer import TrainConfig
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run(fn: Callable[[], Optional[dict]]) -> None:
+    """Run a recipe's main; expected failures become one line on stderr and exit code 2."""
+    from .data import DataError
+    from .engine import ConfigError
+    prog = os.path.basename(sys.argv[0])
+    try:
+        fn()
+    except (ValueError, DataError, ConfigError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the newest complete checkpoint is kept (--resume continues)", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_summary(summary: dict) -> None:
+    """The end-of-run table: clean accuracy (TA) and PGD robust accuracy (RA)."""
+    rows = [("backbone", summary["backbone"]), ("attack (train)", summary["attack"]),
+            ("eps", f"{summary['eps']:.4g}"), ("ranks x micro batch", f"{summary['world_size']} x "
+            f"{summary['micro_batch_size']} = {summary['global_batch_size']}"),
+            ("epochs", summary["epochs"]), ("test samples", summary["eval_samples"]),
+            ("TA  clean accuracy", f"{100 * summary['clean_acc']:.2f} %"),
+            (f"RA  {summary['eval_attack']} accuracy", f"{100 * summary['robust_acc']:.2f} %"),
+            ("compute / comm", f"{summary['compute_s']:.1f} s / {summary['comm_s']:.2f} s")]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "-" * (width + 24))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 24), flush=True)

@@ -1,0 +1,82 @@
+"""Process-group helpers that also work at world size 1 (a plain ``python recipe.py`` run).
+
+Under the ``deepspeed`` launcher RANK/WORLD_SIZE/MASTER_* are set; a single process gets a
+one-rank world on a free loopback port so every code path (DeepSpeed included) is the same.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Sequence
+
+import torch
+import torch.distributed as tdist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> None:
+    """Join the launcher's world, or make a one-rank world; idempotent."""
+    if tdist.is_available() and tdist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(local_rank())
+    deepspeed.init_distributed(verbose=False)
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
+
+
+def synchronize() -> None:
+    """Wait for queued device work, so wall-clock timers measure it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        tdist.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], dev: torch.device = None) -> list:
+    """Sum a few numbers over ranks (counts, timings) in one collective."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=dev or device())
+    if world_size() > 1:
+        tdist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,88 @@
+"""Timers, per-epoch metrics (``metrics.jsonl``), ``summary.json`` and W&B, all from rank 0."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional
+
+from . import dist
+
+
+class Timers:
+    """Wall-clock seconds per phase; device work is synchronised so the split is honest."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        dist.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dist.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def reset(self) -> Dict[str, float]:
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json``; mirrors both to W&B."""
+
+    def __init__(self, output_dir: Path, config: dict, use_wandb: bool = False, project: str = "dat-ds",
+                 resume: bool = False):
+        self.dir = Path(output_dir)
+        self.main = dist.is_main()
+        self.run = None
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json_atomic(self.dir / "config.json", config)
+        if use_wandb:
+            import wandb
+            self.run = wandb.init(project=project, config=config, dir=str(self.dir),
+                                  name=self.dir.name, resume="allow" if resume else None)
+
+    def log_epoch(self, row: dict) -> None:
+        if not self.main:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("epoch"))
+
+    def finish(self, summary: dict) -> None:
+        if not self.main:
+            return
+        write_json_atomic(self.dir / "summary.json", {k: _clean(v) for k, v in summary.items()})
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.run.finish()
+
+
+def read_jsonl(path: Path) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

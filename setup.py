@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dat-ds",
+    version="0.1.0",
+    description="DeepSpeed-backed distributed adversarial training (DAT) for image classifiers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8")
+    if Path(__file__).with_name("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dat_ds", "dat_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is left unpinned on purpose: pip then takes the registry's newest build, which
+        # runs on the CPU and on CUDA alike and matches the torchvision it pulls in.
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "deepspeed>=0.16",
+        "datasets>=2.19",
+        "wandb>=0.17",
+        "numpy",
+        "tqdm",
+        "Pillow",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)

@@ -1,0 +1,70 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end runs (make test-slow)")
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    """The real Fashion-MNIST test split (10,000 images) from the IDX files."""
+    from dat_ds.data import load_dataset
+    return load_dataset("fashion_mnist")
+
+
+@pytest.fixture(scope="session")
+def trained_model(fmnist):
+    """A small naturally trained classifier (test_resnet, timm stem) on 8,000 training images."""
+    from dat_ds.models import create_model
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, 1, 28, fmnist.mean, fmnist.std, stem="native")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train = fmnist.train
+    for epoch in range(2):
+        perm = torch.randperm(8000)
+        for i in range(0, 8000, 128):
+            x, y = train.__getitems__(perm[i:i + 128].tolist())
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def test_batch(fmnist):
+    return fmnist.test.__getitems__(list(range(512)))
+
+
+def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py"):
+    """Run a recipe as a user would; returns the CompletedProcess."""
+    import subprocess
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None):
+    """Launch ``script`` on ``num_ranks`` CPU ranks with the real deepspeed launcher (gloo)."""
+    import subprocess
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from dat_ds.optim import Lamb, create_optimizer, create_scheduler, warmup_piecewise
+
+
+def reference_lamb_step(params, grads, lr, betas, eps, wd, c_l, c_u, state, t):
+    """Eq. (6) of the DAT paper on each layer, written out with Python loops."""
+    b1, b2 = betas
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m, v = state.setdefault(i, (torch.zeros_like(p), torch.zeros_like(p)))
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        state[i] = (m, v)
+        u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) + wd * p
+        w_norm, u_norm = p.norm().item(), u.norm().item()
+        ratio = min(max(w_norm, c_l), c_u) / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+        out.append(p - lr * ratio * u)
+    return out
+
+
+def test_lamb_matches_layerwise_formula():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3) * 4, torch.randn(7) * 0.01, torch.zeros(3), torch.randn(2, 2) * 100]
+    ps = [p.clone().requires_grad_(True) for p in params]
+    opt = Lamb([{"params": ps, "weight_decay": 0.01}], lr=0.1, c_l=0.05, c_u=5.0)
+    ref, state = [p.clone() for p in params], {}
+    for t in range(1, 4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref = reference_lamb_step(ref, grads, 0.1, (0.9, 0.999), 1e-6, 0.01, 0.05, 5.0, state, t)
+        for p, r in zip(ps, ref):
+            assert torch.allclose(p.detach(), r, atol=1e-5, rtol=1e-5)
+
+
+def test_lamb_step_size_is_clipped_by_phi():
+    p = torch.full((100,), 1000.0, requires_grad=True)  # ||p|| = 10000, clipped to c_u
+    opt = Lamb([p], lr=1.0, c_l=0.0, c_u=10.0)
+    p.grad = torch.randn(100)
+    before = p.detach().clone()
+    opt.step()
+    assert (p.detach() - before).norm().item() == pytest.approx(10.0, rel=1e-4)
+
+
+def test_lamb_rejects_bad_settings():
+    with pytest.raises(ValueError, match="c_l <= c_u"):
+        Lamb([torch.zeros(1, requires_grad=True)], c_l=2, c_u=1)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        Lamb([torch.zeros(1, requires_grad=True)], lr=0)
+
+
+def test_optimizer_from_spec_excludes_1d_params_from_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = create_optimizer({"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.1}}, model)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and [p.ndim for p in decay["params"]] == [2]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+    with pytest.raises(ValueError, match="unknown optimizer 'Adamax'"):
+        create_optimizer({"type": "Adamax"}, model)
+    with pytest.raises(ValueError, match="has no setting"):
+        create_optimizer({"type": "SGD", "params": {"betas": [0.9, 0.9]}}, model)
+
+
+def test_warmup_then_piecewise_decay():
+    f = [warmup_piecewise(s, steps_per_epoch=10, epochs=10, warmup_epochs=2, milestones=(0.5, 0.75), gamma=0.1)
+         for s in range(100)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:19], f[1:20]))  # linear ramp
+    assert f[20] == f[49] == 1.0 and f[50] == pytest.approx(0.1) and f[75] == pytest.approx(0.01)
+
+
+def test_scheduler_scales_lr_with_global_batch():
+    model = torch.nn.Linear(2, 2)
+    opt = create_optimizer({"type": "SGD", "params": {"lr": 0.1}}, model)
+    sched = create_scheduler({"type": "WarmupPiecewise", "params": {"base_batch_size": 256, "milestones": [0.5]}},
+                             opt, steps_per_epoch=4, epochs=2, global_batch_size=1024)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="milestones in \\(0, 1\\)"):
+        create_scheduler({"params": {"milestones": [5, 8]}}, opt, 4, 2, 1024)
