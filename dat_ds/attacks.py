@@ -90,7 +90,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
 def _check(name: str, value, low: float, allow_equal: bool = True) -> None:
     ok = value >= low if allow_equal else value > low
     if not ok:
-        raise ValueError(f"{name} must be {'>=' if allow_equal else '>'} {low}, got {value}")
+        raise ValueError(f"{name} must be {'>=' if allow_equal else '>'} {low:g}, got {value}")
 
 
 class Attack(abc.ABC):

@@ -38,6 +38,7 @@ def trained_model(fmnist):
             opt.zero_grad()
             loss.backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)
     return model.eval()
 
 

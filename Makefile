@@ -1,0 +1,48 @@
+# dat-ds: `make demo` trains and evaluates the default job; `make test` runs the test suite.
+# Both set everything up first (a venv, the package, the Fashion-MNIST files).
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# CPU ranks are processes: one thread each keeps 2 ranks from oversubscribing 2 cores.
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= offline
+NGPU    := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+# without GPUs the launcher counts NUMA nodes, not devices: ask for 2 CPU ranks explicitly
+LAUNCH  := $(if $(filter 0,$(NGPU)),--num_gpus 2,)
+PYTEST  := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: setup data demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $@
+
+data:
+	@if [ -f $(FMNIST) ] || [ -n "$$DAT_DS_SKIP_APT" ]; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is not installed and apt-get needs root: the loader will try a torchvision" \
+		"download, or pass --data-dir to a folder with the four IDX files"; fi
+
+demo: setup data
+	rm -rf runs/demo
+	$(VENV)/bin/deepspeed $(LAUNCH) recipes/fashion_mnist_dat.py \
+		--deepspeed_config ds_configs/fashion_mnist_demo.json --backbone test_resnet --stem native \
+		--train-limit 20000 --eval-limit 1000 --epochs 2 --output-dir runs/demo
+
+test: setup data
+	$(PYTEST) -m "not slow"
+
+test-slow: setup data
+	$(PYTEST) -m slow
+
+bench: setup data
+	$(PY) bench/step_cost.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from dat_ds.engine import ConfigError, check_config, load_config, resolve_batch
+
+
+@pytest.mark.parametrize("cfg, world, expected", [
+    ({"train_micro_batch_size_per_gpu": 64}, 4, (64, 1, 256)),
+    ({"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 2}, 2, (32, 2, 128)),
+    ({"train_batch_size": 512, "train_micro_batch_size_per_gpu": 64}, 2, (64, 4, 512)),
+    ({"train_batch_size": 512}, 4, (128, 1, 512)),
+])
+def test_batch_sizes_resolve_like_deepspeed(cfg, world, expected):
+    assert resolve_batch(cfg, world) == expected
+
+
+def test_inconsistent_batches_are_refused():
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve_batch({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 64}, 2)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}, "stage=2 is not supported"),
+    ({"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": True}, "bf16": {"enabled": True}}, "pick one"),
+    ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({"optimizer": {"type": "Lamb"}}, "train_micro_batch_size_per_gpu"),
+])
+def test_config_checks(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        check_config(cfg)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+    configs = sorted(Path(__file__).resolve().parents[1].glob("ds_configs/*.json"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(str(path))
+        assert cfg["zero_optimization"]["stage"] == 0
+
+
+def test_bad_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "none.json"))

@@ -1,0 +1,58 @@
+"""The recipes as a user runs them: outputs, resume, and one-line errors on bad input."""
+import json
+
+import pytest
+
+from conftest import ROOT, run_recipe
+from dat_ds.metrics import read_jsonl
+
+QUICK = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "256", "--eval-limit", "128",
+         "--steps", "2", "--eval-steps", "2", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
+SUMMARY_KEYS = {"clean_acc", "robust_acc", "epochs", "world_size", "global_batch_size", "compute_s", "comm_s",
+                "bytes_sent_per_rank", "backbone", "attack"}
+
+
+def test_single_process_run_writes_outputs_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    r = run_recipe([*QUICK, "--epochs", "1", "--output-dir", out, "--wandb"], env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["world_size"] == 1 and summary["global_batch_size"] == 32 and summary["epochs"] == 1
+    assert 0 <= summary["robust_acc"] <= summary["clean_acc"] <= 1
+    assert "TA  clean accuracy" in r.stdout and "RA  pgd-2 accuracy" in r.stdout
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [0]
+    assert (out / "checkpoints" / "latest").read_text() == "epoch0000"
+    assert list((out / "wandb").glob("offline-run-*")), "offline W&B run folder"
+
+    r = run_recipe([*QUICK, "--epochs", "2", "--output-dir", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [0, 1], "resume continues at epoch 1 and keeps epoch 0"
+    assert rows[1]["global_step"] == 2 * rows[0]["global_step"]
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+BAD_INPUTS = [
+    (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
+    (["--attack", "cw"], "argument --attack: invalid choice: 'cw'"),
+    (["--eps", "-0.1"], "eps must be >= 0, got -0.1"),
+    (["--eps", "abc"], "argument --eps: not a number: 'abc'"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--data-dir", "/nonexistent/fmnist"], "--data-dir /nonexistent/fmnist does not exist"),
+    (["--deepspeed_config", ROOT / "tests" / "configs" / "zero2.json"], "zero_optimization.stage=2 is not supported"),
+    (["--deepspeed_config", "/nonexistent.json"], "--deepspeed_config /nonexistent.json does not exist"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--train-limit", "0"], "--train-limit must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
+def test_bad_input_exits_with_one_line(tmp_path, args, message):
+    r = run_recipe(["--output-dir", tmp_path / "out", *args], timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
