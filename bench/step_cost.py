@@ -64,7 +64,7 @@ def main():
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pgd-steps", type=int, nargs="+", default=[1, 3, 10])
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style attack")
@@ -87,7 +87,7 @@ def main():
         methods[f"pgd-{k}"] = ("pgd", {"eps": args.eps, "steps": k, "alpha": 2.5 * args.eps / k})
 
     def framework_step(attack):
-        return lambda: train_epoch(engine, [(x, y)], attack, reducer, timers, torch.float32)
+        return lambda: train_epoch(engine, [(x, y)], attack, reducer, timers)
 
     def bare_step(attack_fn):
         def step():

@@ -83,18 +83,34 @@ def resolve_batch(cfg: dict, world_size: int) -> Tuple[int, int, int]:
     return total // (gas * world_size), gas, total
 
 
-def model_dtype(cfg: dict) -> torch.dtype:
-    if cfg.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if cfg.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+def check_precision(cfg: dict, model: torch.nn.Module) -> None:
+    """DeepSpeed's bf16/fp16 modes cast every weight but keep buffers fp32, which BatchNorm
+    cannot run with; such models train in mixed precision through ``torch_autocast``."""
+    for mode in ("bf16", "fp16"):
+        if cfg.get(mode, {}).get("enabled") and _has_batchnorm(model):
+            raise ConfigError(f'"{mode}": {{"enabled": true}} casts BatchNorm weights to {mode} next to fp32 running '
+                              f'statistics; for BatchNorm backbones use "torch_autocast": {{"enabled": true, "dtype": '
+                              f'"{"bfloat16" if mode == "bf16" else "float16"}"}} (see ds_configs/lamb_bf16.json)')
+
+
+def autocast(engine):
+    """The engine's ``torch_autocast`` context, for work that bypasses ``engine.forward`` (attacks,
+    evaluation); a no-op when the config does not ask for autocast."""
+    import contextlib
+    if not engine.torch_autocast_enabled():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=engine.device.type, dtype=engine.torch_autocast_dtype())
 
 
 def initialize(model: torch.nn.Module, cfg: dict, steps_per_epoch: int, epochs: int):
     """``deepspeed.initialize`` with dat-ds's optimizer and schedule; returns the engine."""
     import deepspeed
     cfg = dict(cfg)
+    check_precision(cfg, model)
     micro, gas, total = resolve_batch(cfg, dist.world_size())
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas, train_batch_size=total)
     optimizer = create_optimizer(cfg.pop("optimizer", {"type": "Lamb"}), model)

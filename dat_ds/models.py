@@ -33,11 +33,16 @@ class Normalize(nn.Module):
         self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.inv_std
+        return (x - self.mean.float()) * self.inv_std.float()
 
 
 class NormalizedModel(nn.Module):
-    """A backbone that takes [0, 1] images. ``model.backbone`` is the timm model."""
+    """A backbone that takes fp32 [0, 1] images. ``model.backbone`` is the timm model.
+
+    Inputs are normalised in fp32 and only then cast to the backbone's dtype (when DeepSpeed's
+    ``bf16``/``fp16`` mode has cast the weights); logits come back as fp32. Attacks therefore
+    keep their perturbation arithmetic in fp32 whatever the training precision.
+    """
 
     def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -45,7 +50,12 @@ class NormalizedModel(nn.Module):
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        dtype = self.backbone.get_classifier().weight.dtype if hasattr(self.backbone, 'get_classifier') \
+            else next(self.backbone.parameters()).dtype
+        z = self.normalize(x.float())
+        if dtype == torch.float32:
+            return self.backbone(z)
+        return self.backbone(z.to(dtype)).float()
 
 
 def _get(module: nn.Module, dotted: str):

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from . import attacks, compress, dist
 from .data import DatasetInfo, eval_loader, load_dataset, train_loader
-from .engine import (exchange_gradients, initialize, load_checkpoint, load_config, model_dtype, resolve_batch,
+from .engine import (autocast, exchange_gradients, initialize, load_checkpoint, load_config, resolve_batch,
                      save_checkpoint)
-from .evaluate import CastInputs, evaluate
+from .evaluate import evaluate
 from .metrics import RunLogger, Timers
 from .models import create_model
 
@@ -94,19 +94,18 @@ def madry_loss(engine, x, x_adv, y) -> torch.Tensor:
 
 
 def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Compressor, timers: Timers,
-                dtype: torch.dtype, objective: Callable = madry_loss, progress=None) -> dict:
+                objective: Callable = madry_loss, progress=None) -> dict:
     """One pass over this rank's shard; returns loss, accuracy on the adversarial batch, bytes sent."""
     device = engine.device
-    attack_model = engine.module if dtype == torch.float32 else CastInputs(engine.module, dtype)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = bytes_sent = steps = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with timers("attack"):
-            x_adv = attack.perturb(attack_model, x, y)
+        with timers("attack"), autocast(engine):
+            x_adv = attack.perturb(engine.module, x, y)
         with timers("forward_backward"):
-            loss = objective(engine, x.to(dtype), x_adv.to(dtype), y)
+            loss = objective(engine, x, x_adv, y)
             engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             with timers("comm"):
@@ -145,7 +144,6 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, objective: Calla
     loader = train_loader(data.train, micro, rank, world, cfg.seed, cfg.num_workers)
     steps_per_epoch = max(1, len(loader) // gas)
     engine = initialize(model, ds_cfg, steps_per_epoch, cfg.epochs)
-    dtype = model_dtype(ds_cfg)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
 
     attack, eval_attack = cfg.make_attack(), cfg.make_eval_attack()
@@ -171,15 +169,15 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, objective: Calla
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         progress = _progress(len(loader), epoch)
-        stats = train_epoch(engine, loader, attack, compressor, timers, dtype, objective, progress)
+        stats = train_epoch(engine, loader, attack, compressor, timers, objective, progress)
         if progress is not None:
             progress.close()
         phase = timers.reset()
         comm_s = dist.all_reduce_sum([phase.get("comm", 0.0)])[0] / world  # mean over ranks
         compute_s = sum(v for k, v in phase.items() if k != "comm")
         compute_s = dist.all_reduce_sum([compute_s])[0] / world
-        with timers("eval"):
-            ev = evaluate(engine.module, test_loader, eval_attack, engine.device, dtype)
+        with timers("eval"), autocast(engine):
+            ev = evaluate(engine.module, test_loader, eval_attack, engine.device)
         totals = {"compute_s": totals["compute_s"] + compute_s, "comm_s": totals["comm_s"] + comm_s,
                   "bytes_sent_per_rank": totals["bytes_sent_per_rank"] + stats["bytes_sent"]}
         row = {"epoch": epoch, "lr": engine.get_lr()[0], "train_loss": stats["train_loss"], **ev,

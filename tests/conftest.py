@@ -47,10 +47,20 @@ def test_batch(fmnist):
     return fmnist.test.__getitems__(list(range(512)))
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+             "CROSS_SIZE")
+
+
+def clean_env(extra=None):
+    """The test process's environment without the one-rank world some in-process tests create."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
 def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py"):
     """Run a recipe as a user would; returns the CompletedProcess."""
     import subprocess
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = clean_env(env)
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -67,5 +77,5 @@ def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None):
     import subprocess
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = clean_env(env)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

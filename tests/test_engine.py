@@ -47,3 +47,32 @@ def test_bad_json_and_missing_file(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "none.json"))
+
+
+@pytest.fixture(scope="module")
+def one_rank_world():
+    from dat_ds import dist
+    dist.init()
+    return dist
+
+
+def test_bf16_cast_mode_refuses_batchnorm_and_autocast_trains(one_rank_world):
+    import torch
+    from dat_ds import attacks, compress
+    from dat_ds.metrics import Timers
+    from dat_ds.models import create_model
+    from dat_ds.engine import initialize
+    from dat_ds.trainer import train_epoch
+
+    model = create_model("test_resnet", 10, 1, 28, stem="native")
+    with pytest.raises(ConfigError, match="torch_autocast"):
+        initialize(model, {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}}, 1, 1)
+    cfg = load_config(str(__import__("conftest").ROOT / "ds_configs" / "lamb_bf16.json"))
+    cfg["train_micro_batch_size_per_gpu"] = 8
+    engine = initialize(model, cfg, 1, 1)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    stats = train_epoch(engine, [(x, y)], attacks.create("pgd", eps=0.1, steps=2), compress.create("none"), Timers())
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    assert stats["micro_steps"] == 1

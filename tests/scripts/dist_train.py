@@ -38,7 +38,7 @@ init = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
 seed_everything(1000 + rank)
 loader.sampler.set_epoch(0)
 attack = attacks.create(args.attack, eps=0.1, steps=2) if args.attack != "none" else attacks.create("none")
-stats = train_epoch(engine, loader, attack, compress.create(args.compressor), Timers(), torch.float32)
+stats = train_epoch(engine, loader, attack, compress.create(args.compressor), Timers())
 flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
 Path(args.out).mkdir(parents=True, exist_ok=True)
 torch.save({"params": flat, "init": init, "steps": stats["micro_steps"], "bytes": stats["bytes_sent"], "world": world},

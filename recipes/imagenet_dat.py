@@ -1,0 +1,26 @@
+"""DAT on ImageNet with ResNet-50: the DAT paper's main setting.
+
+    deepspeed --hostfile hostfile recipes/imagenet_dat.py --data-dir /data/imagenet
+    deepspeed recipes/imagenet_dat.py --data-dir /data/imagenet --attack fgsm_rs   # DAT-FGSM
+
+--data-dir holds train/<class>/*.JPEG and val/<class>/*.JPEG (the ImageFolder layout), read
+through Hugging Face ``datasets``' imagefolder builder. Defaults: PGD-4 at eps 2/255 (the
+DAT code's choice), 224 px, LAMB with layerwise adaptive LR in bf16
+(ds_configs/imagenet_lamb_bf16.json), 5 warm-up epochs then piecewise decay.
+"""
+from dat_ds import cli, dist
+from dat_ds.trainer import train
+
+
+def main():
+    args = cli.parser(__doc__.splitlines()[0], dataset="imagefolder", backbone="resnet50", eps=2 / 255,
+                      alpha=None, steps=4, eval_steps=10, epochs=30, img_size=224, num_workers=8,
+                      eval_batch_size=128, deepspeed_config="ds_configs/imagenet_lamb_bf16.json",
+                      output_dir="runs/imagenet_dat").parse_args()
+    summary = train(cli.train_config(args))
+    if dist.is_main():
+        cli.print_summary(summary)
+
+
+if __name__ == "__main__":
+    cli.run(main)
