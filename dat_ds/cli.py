@@ -12,7 +12,7 @@ import sys
 from fractions import Fraction
 from typing import Callable, Optional
 
-from . import attacks
+from . import attacks, objectives
 
 
 def number(text: str) -> float:
@@ -40,12 +40,28 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--stem", default="auto", choices=("auto", "small", "native"),
                    help="small: 3x3 stride-1 stem for small images (auto: inputs <= 64 px); native: timm's stem")
     g = p.add_argument_group("attack (inner maximization)")
-    g.add_argument("--attack", default="pgd", choices=attacks.names(), help="training attack")
-    g.add_argument("--eps", type=number, default=0.1, help="Linf radius in [0,1] pixels, e.g. 8/255")
+    g.add_argument("--attack", default="pgd", choices=attacks.names(),
+                   help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")
+    g.add_argument("--eps", type=number, default=0.1, help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
     g.add_argument("--alpha", type=number, default=None, help="step size (default: the attack's own rule)")
-    g.add_argument("--steps", type=int, default=10, help="attack steps (PGD-k)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="attack steps (PGD-k; default 10), or the replays m of free (default 4)")
+    g.add_argument("--tau", type=int, default=1, help="conadv: staleness of the attack's weights, in updates")
     g.add_argument("--bn-mode", default="eval", choices=attacks.BN_MODES, help="BatchNorm mode during the attack")
     g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", default="madry", choices=objectives.names(),
+                   help="madry: CE(x_adv); mix: CE(x) + lam CE(x_adv); trades: CE(x) + beta KL(f(x)||f(x_adv))")
+    g.add_argument("--lam", type=float, default=1.0, help="mix: weight of the robust loss")
+    g.add_argument("--beta", type=float, default=6.0, help="trades: weight of the KL term")
+    g = p.add_argument_group("held-out check (FGSM safety)")
+    g.add_argument("--holdout", type=int, default=None,
+                   help="training samples held out for a per-epoch PGD/FGSM check (default: for fgsm_rs min(1000, 10%% of the training set), else 0); "
+                        "the best epoch is kept in checkpoints/best and reported")
+    g.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                   help="keep training after catastrophic overfitting is detected")
+    g.add_argument("--co-drop", type=float, default=0.2,
+                   help="held-out PGD accuracy drop (from its best) that flags catastrophic overfitting")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--seed", type=int, default=0)

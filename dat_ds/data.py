@@ -85,6 +85,15 @@ class TensorImages(Dataset):
             return self
         return TensorImages(self.images[:limit], self.labels[:limit], self.augment)
 
+    def split_off(self, n: int):
+        """``(all but the last n, the last n without augmentation)``; ``(self, None)`` for n = 0."""
+        if n <= 0:
+            return self, None
+        if n >= len(self):
+            raise ValueError(f"--holdout {n} leaves no training samples out of {len(self)}")
+        return (TensorImages(self.images[:-n], self.labels[:-n], self.augment),
+                TensorImages(self.images[-n:], self.labels[-n:]))
+
 
 def random_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Random ``pad``-pixel crop and horizontal flip of a uint8 batch, vectorized."""
@@ -258,6 +267,15 @@ class HFImages(Dataset):
         if limit is None or limit >= len(self):
             return self
         return HFImages(self.ds.select(range(limit)), self.transform)
+
+    def split_off(self, n: int):
+        if n <= 0:
+            return self, None
+        if n >= len(self):
+            raise ValueError(f"--holdout {n} leaves no training samples out of {len(self)}")
+        cut = len(self) - n
+        return HFImages(self.ds.select(range(cut)), self.transform), HFImages(self.ds.select(range(cut, len(self))),
+                                                                            self.transform)
 
 
 def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[HFImages, HFImages, int]:

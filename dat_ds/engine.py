@@ -23,6 +23,7 @@ from .compress import CommStats, Compressor
 from .optim import create_optimizer, create_scheduler
 
 LATEST = "latest"
+BEST = "best"
 
 
 class ConfigError(ValueError):
@@ -164,25 +165,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int = 2) -> None:
-    """Save through DeepSpeed, then point ``latest`` at it atomically.
+def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: Optional[dict] = None,
+                    best: bool = False, keep: int = 2) -> None:
+    """Save through DeepSpeed plus one ``rank{r}.pt`` per rank (RNG, attack and compressor state),
+    then point ``latest`` at it atomically.
 
     ``latest`` moves only after every rank has written its part, so a crash mid-save leaves the
-    previous checkpoint in charge. The ``keep`` newest checkpoints are kept.
+    previous checkpoint in charge. ``best=True`` also copies it to ``best/``. The ``keep`` newest
+    epoch checkpoints are kept.
     """
     ckpt_dir = Path(ckpt_dir)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank()}.pt")
+    torch.save({"rng": rng_state(), **(rank_state or {})}, ckpt_dir / tag / f"rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
+        if best:
+            _replace_dir(ckpt_dir / tag, ckpt_dir / BEST)
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name != tag),
-                      key=lambda p: p.stat().st_mtime)
+        tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name not in (tag, BEST)
+                       and not p.name.startswith(".")), key=lambda p: p.name)
         for old in tags[:max(0, len(tags) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
@@ -193,15 +210,24 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def load_checkpoint(engine, ckpt_dir: Path) -> Optional[dict]:
-    """Restore engine, optimizer, schedule and this rank's RNG; returns the client state."""
+def load_checkpoint(engine, ckpt_dir: Path) -> Optional[Tuple[dict, dict]]:
+    """Restore engine, optimizer, schedule and this rank's RNG from ``latest``.
+
+    Returns ``(client_state, rank_state)``, or None when there is no checkpoint yet.
+    """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if client_state is None:
         raise ConfigError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded")
-    rng_file = Path(ckpt_dir) / tag / f"rng_rank{dist.rank()}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return client_state
+    rank_file = Path(ckpt_dir) / tag / f"rank{dist.rank()}.pt"
+    rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
+    if "rng" in rank_state:
+        set_rng_state(rank_state["rng"])
+    return client_state, rank_state
+
+
+def restore_best(engine, ckpt_dir: Path) -> None:
+    """Load the weights of ``best/`` (the best held-out epoch) into the engine."""
+    engine.load_checkpoint(str(ckpt_dir), tag=BEST, load_optimizer_states=False, load_lr_scheduler_states=False)

@@ -4,25 +4,29 @@ One step, one direction: data -> attack on ``engine.module`` (input gradients on
 communication) -> loss -> ``engine.backward`` (local gradients) -> compressor (the only
 gradient communication) -> ``engine.step``. Timers around each phase feed the per-epoch
 computation/communication split written to ``metrics.jsonl``.
+
+Two oracles change the shape of the step: Free-m replays each minibatch m times and takes its
+input gradient from the training backward; ConAdv attacks batch t + 1 with a snapshot of the
+weights while update t runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import attacks, compress, dist
+from . import attacks, compress, dist, objectives
 from .data import DatasetInfo, eval_loader, load_dataset, train_loader
 from .engine import (autocast, exchange_gradients, initialize, load_checkpoint, load_config, resolve_batch,
-                     save_checkpoint)
+                     restore_best, save_checkpoint)
 from .evaluate import evaluate
 from .metrics import RunLogger, Timers
 from .models import create_model
@@ -44,10 +48,17 @@ class TrainConfig:
     attack: str = "pgd"
     eps: float = 0.1
     alpha: Optional[float] = None
-    steps: int = 10
+    steps: Optional[int] = None  # None: the attack's own default (PGD 10, FGSM-RS 1, Free 4, ConAdv 1)
+    tau: int = 1
     bn_mode: str = "eval"
+    loss: str = "madry"
+    lam: float = 1.0
+    beta: float = 6.0
     eval_steps: int = 10
     eval_batch_size: int = 256
+    holdout: Optional[int] = None  # None: for fgsm_rs min(1000, 10% of the training set), else 0
+    early_stop: bool = True
+    co_drop: float = 0.2
     compressor: str = "none"
     resume: bool = False
     wandb: bool = False
@@ -57,29 +68,32 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.eval_steps < 1:
-            raise ValueError(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.co_drop <= 1:
+            raise ValueError(f"--co-drop must lie in (0, 1], got {self.co_drop}")
+        self.make_objective()
         self.make_attack()  # checks attack name, eps, alpha, steps
         self.make_eval_attack()
 
-
-    def attack_kwargs(self) -> dict:
-        kw = {"eps": self.eps, "alpha": self.alpha, "bn_mode": self.bn_mode}
-        if self.attack != "fgsm_rs" or self.steps != 10:  # fgsm_rs is one step by definition
-            kw["steps"] = self.steps
-        return kw
+    def make_objective(self) -> objectives.Objective:
+        kw = {"mix": {"lam": self.lam}, "trades": {"beta": self.beta}}.get(self.loss, {})
+        return objectives.create(self.loss, **kw)
 
     def make_attack(self) -> attacks.Attack:
-        kw = self.attack_kwargs()
-        if self.attack == "fgsm_rs":
-            kw.pop("steps", None)
+        kw = {"eps": self.eps, "alpha": self.alpha, "bn_mode": self.bn_mode,
+              "loss": self.make_objective().attack_loss}
+        if self.steps is not None:
+            kw["steps"] = self.steps
+        if self.attack == "conadv":
+            kw["tau"] = self.tau
         return attacks.create(self.attack, **kw)
 
-    def make_eval_attack(self) -> attacks.Attack:
+    def make_eval_attack(self, steps: Optional[int] = None) -> attacks.Attack:
         """PGD at the training eps: what ``robust_acc`` means in every summary."""
-        return attacks.create("pgd", eps=self.eps, steps=self.eval_steps)
+        name = "pgd_l2" if attacks.ATTACKS.get(self.attack).norm == "l2" else "pgd"
+        return attacks.create(name, eps=self.eps, steps=steps or self.eval_steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,38 +102,92 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def madry_loss(engine, x, x_adv, y) -> torch.Tensor:
-    """Madry AT: cross-entropy on the adversarial examples."""
-    return F.cross_entropy(engine(x_adv), y)
+def _to_device(loader, device) -> Iterator:
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def adversarial_batches(engine, batches: Iterator, attack: attacks.Attack, timers: Timers) -> Iterator:
+    """Yield ``(x, x_adv, y)``; ConAdv batches come one step ahead, from the weights before the update."""
+    if not getattr(attack, "stale_weights", False):
+        for x, y in batches:
+            with timers("attack"), autocast(engine):
+                x_adv = attack.perturb(engine.module, x, y)
+            yield x, x_adv, y
+        return
+    current = next(batches, None)
+    if current is None:
+        return
+    with timers("attack"), autocast(engine):
+        handle = attack.launch(engine.module, *current)
+    for following in batches:
+        x_adv = attack.collect(handle)
+        with timers("attack"), autocast(engine):  # runs beside the update of `current` on a GPU
+            handle = attack.launch(engine.module, *following)
+        yield current[0], x_adv, current[1]
+        current = following
+    yield current[0], attack.collect(handle), current[1]
+
+
+def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.Tensor) -> int:
+    """Backward, gradient exchange at accumulation boundaries, optimizer step; returns bytes sent."""
+    with timers("backward"):
+        engine.backward(loss)
+    sent = 0
+    if engine.is_gradient_accumulation_boundary():
+        with timers("comm"):
+            sent = exchange_gradients(engine, compressor).bytes_sent
+    with timers("step"):
+        engine.step()
+    return sent
 
 
 def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Compressor, timers: Timers,
-                objective: Callable = madry_loss, progress=None) -> dict:
-    """One pass over this rank's shard; returns loss, accuracy on the adversarial batch, bytes sent."""
-    device = engine.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = bytes_sent = steps = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with timers("attack"), autocast(engine):
-            x_adv = attack.perturb(engine.module, x, y)
-        with timers("forward_backward"):
+                objective: objectives.Objective = objectives.Madry(), progress=None) -> dict:
+    """One pass over this rank's shard; returns the mean loss, bytes sent and the step count."""
+    if getattr(attack, "replays_minibatch", False):
+        return _free_epoch(engine, loader, attack, compressor, timers, objective, progress)
+    totals = _Totals(engine.device)
+    for x, x_adv, y in adversarial_batches(engine, _to_device(loader, engine.device), attack, timers):
+        with timers("forward"):
             loss = objective(engine, x, x_adv, y)
-            engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary():
-            with timers("comm"):
-                bytes_sent += exchange_gradients(engine, compressor).bytes_sent
-        with timers("step"):
-            engine.step()
-        loss_sum += loss.detach().float() * len(y)
-        seen += len(y)
-        steps += 1
+        totals.add(loss, len(y), update(engine, compressor, timers, loss), engine, progress)
+    return totals.result()
+
+
+def _free_epoch(engine, loader, attack: attacks.Free, compressor, timers, objective, progress) -> dict:
+    """Free-m: m replays per minibatch, one backward each for both the weights and the perturbation."""
+    totals = _Totals(engine.device)
+    for x, y in _to_device(loader, engine.device):
+        for _ in range(attack.steps):
+            with timers("forward"):
+                x_adv = attack.adversarial_input(x)
+                loss = objective(engine, x, x_adv, y)
+            sent = update(engine, compressor, timers, loss)
+            with timers("attack"):
+                attack.update(x, x_adv)
+            totals.add(loss, len(y), sent, engine, progress)
+    return totals.result()
+
+
+class _Totals:
+    """Running loss and byte counts, kept on the device (no per-step host sync)."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.seen = self.bytes = self.steps = 0
+
+    def add(self, loss, n, sent, engine, progress):
+        self.loss += loss.detach().float() * n
+        self.seen, self.bytes, self.steps = self.seen + n, self.bytes + sent, self.steps + 1
         if progress is not None:
             progress.update(1)
-            if steps % 10 == 0:
+            if self.steps % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.get_lr()[0]:.2e}")
-    return {"train_loss": (loss_sum / max(seen, 1)).item(), "bytes_sent": bytes_sent, "micro_steps": steps}
+
+    def result(self) -> dict:
+        return {"train_loss": (self.loss / max(self.seen, 1)).item(), "bytes_sent": self.bytes,
+                "micro_steps": self.steps}
 
 
 def _progress(total: int, epoch: int):
@@ -129,75 +197,147 @@ def _progress(total: int, epoch: int):
     return tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, mininterval=2.0)
 
 
-def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, objective: Callable = madry_loss) -> dict:
+class OverfitWatch:
+    """Held-out PGD/FGSM check per epoch: keeps the best epoch and flags catastrophic overfitting
+    (PGD accuracy collapsing by ``co_drop`` from its best while FGSM accuracy rises; Wong et al. 2020,
+    Rice et al. 2020)."""
+
+    def __init__(self, co_drop: float):
+        self.co_drop, self.best, self.best_epoch, self.last_fgsm = co_drop, -1.0, None, None
+
+    def observe(self, epoch: int, pgd_acc: float, fgsm_acc: float) -> dict:
+        improved = pgd_acc > self.best
+        collapsed = (self.best - pgd_acc >= self.co_drop and self.last_fgsm is not None
+                     and fgsm_acc > self.last_fgsm)
+        if improved:
+            self.best, self.best_epoch = pgd_acc, epoch
+        self.last_fgsm = fgsm_acc
+        return {"holdout_best": improved, "catastrophic_overfitting": collapsed}
+
+
+def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
     """Run DAT end to end; returns the summary that is also written to ``summary.json``."""
     cfg.validate()
     ds_cfg = load_config(cfg.deepspeed_config)
     dist.init()
     rank, world = dist.rank(), dist.world_size()
     data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size)
+    holdout = cfg.holdout if cfg.holdout is not None else (
+        min(1000, len(data.train) // 10) if cfg.attack == "fgsm_rs" else 0)
+    train_set, holdout_set = data.train.split_off(holdout)
     micro, gas, global_batch = resolve_batch(ds_cfg, world)
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
     model = create_model(cfg.backbone, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
                          stem=cfg.stem)
-    loader = train_loader(data.train, micro, rank, world, cfg.seed, cfg.num_workers)
-    steps_per_epoch = max(1, len(loader) // gas)
-    engine = initialize(model, ds_cfg, steps_per_epoch, cfg.epochs)
+    loader = train_loader(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
+    attack, eval_attack, objective = cfg.make_attack(), cfg.make_eval_attack(), cfg.make_objective()
+    replays = attack.steps if getattr(attack, "replays_minibatch", False) else 1
+    passes = math.ceil(cfg.epochs / replays)  # Free-m: epochs / m passes, the same number of updates
+    engine = initialize(model, ds_cfg, max(1, len(loader) * replays // gas), passes)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
 
-    attack, eval_attack = cfg.make_attack(), cfg.make_eval_attack()
     compressor = compress.create(cfg.compressor)
     test_loader = eval_loader(data.test, cfg.eval_batch_size, rank, world, cfg.num_workers)
+    holdout_loader = eval_loader(holdout_set, cfg.eval_batch_size, rank, world) if holdout_set else None
     out, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
     meta = {"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps, **data.meta()}
 
-    start_epoch, totals = 0, {"compute_s": 0.0, "comm_s": 0.0, "bytes_sent_per_rank": 0}
+    start, totals, watch = 0, {"compute_s": 0.0, "comm_s": 0.0, "bytes_sent_per_rank": 0}, OverfitWatch(cfg.co_drop)
     if cfg.resume:
-        state = load_checkpoint(engine, ckpt_dir)
-        if state is not None:
-            if state["meta"]["backbone"] != cfg.backbone:
-                raise ValueError(f"--resume: checkpoint in {ckpt_dir} is a {state['meta']['backbone']}, "
-                                 f"not a {cfg.backbone}")
-            start_epoch, totals = state["epoch"] + 1, state["totals"]
-            seed_everything(cfg.seed + 1000 * (rank + 1) + start_epoch)
-    logger = RunLogger(out, dataclasses.asdict(cfg) | {"world_size": world, "global_batch_size": global_batch},
-                       cfg.wandb, cfg.wandb_project, resume=cfg.resume and start_epoch > 0)
+        start, totals, watch = _resume(engine, ckpt_dir, cfg, attack, compressor, totals, watch)
+    logger = RunLogger(out, dataclasses.asdict(cfg) | {"world_size": world, "global_batch_size": global_batch,
+                                                       "passes": passes}, cfg.wandb, cfg.wandb_project,
+                       resume=cfg.resume and start > 0)
 
-    timers, row = Timers(), {}
-    for epoch in range(start_epoch, cfg.epochs):
+    timers, row, stopped_early = Timers(), {}, False
+    for epoch in range(start, passes):
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        progress = _progress(len(loader), epoch)
+        progress = _progress(len(loader) * replays, epoch)
         stats = train_epoch(engine, loader, attack, compressor, timers, objective, progress)
         if progress is not None:
             progress.close()
         phase = timers.reset()
-        comm_s = dist.all_reduce_sum([phase.get("comm", 0.0)])[0] / world  # mean over ranks
-        compute_s = sum(v for k, v in phase.items() if k != "comm")
-        compute_s = dist.all_reduce_sum([compute_s])[0] / world
-        with timers("eval"), autocast(engine):
+        comm_s, compute_s = (v / world for v in dist.all_reduce_sum(
+            [phase.get("comm", 0.0), sum(v for k, v in phase.items() if k != "comm")]))
+        with autocast(engine):
             ev = evaluate(engine.module, test_loader, eval_attack, engine.device)
+            hold = _holdout_check(engine, holdout_loader, cfg, watch, epoch)
         totals = {"compute_s": totals["compute_s"] + compute_s, "comm_s": totals["comm_s"] + comm_s,
                   "bytes_sent_per_rank": totals["bytes_sent_per_rank"] + stats["bytes_sent"]}
-        row = {"epoch": epoch, "lr": engine.get_lr()[0], "train_loss": stats["train_loss"], **ev,
+        row = {"epoch": epoch, "lr": engine.get_lr()[0], "train_loss": stats["train_loss"], **ev, **hold,
                "epoch_s": time.perf_counter() - t0, "compute_s": compute_s, "comm_s": comm_s,
                "attack_s": phase.get("attack", 0.0), "bytes_sent_per_rank": stats["bytes_sent"],
                "global_step": engine.global_steps}
         logger.log_epoch(row)
-        if dist.is_main():
-            print(f"epoch {epoch}: loss {row['train_loss']:.4f}  TA {ev['clean_acc']:.4f}  "
-                  f"RA {ev['robust_acc']:.4f}  compute {compute_s:.1f}s  comm {comm_s:.2f}s", flush=True)
+        _report(row)
         save_checkpoint(engine, ckpt_dir, f"epoch{epoch:04d}",
-                        {"epoch": epoch, "totals": totals, "meta": meta, "metrics": row})
+                        {"epoch": epoch, "totals": totals, "meta": meta, "metrics": row,
+                         "watch": vars(watch)}, _rank_state(attack, compressor), best=hold.get("holdout_best", False))
+        if hold.get("catastrophic_overfitting") and cfg.early_stop:
+            stopped_early = True
+            break
 
     if not row:  # resumed a finished run: report its last epoch
-        row = load_checkpoint(engine, ckpt_dir)["metrics"]
+        row = load_checkpoint(engine, ckpt_dir)[0]["metrics"]
+    if holdout_loader is not None and watch.best_epoch is not None:
+        restore_best(engine, ckpt_dir)  # Rice et al.: the model is the best held-out checkpoint
+        with autocast(engine):
+            row = {**row, **evaluate(engine.module, test_loader, eval_attack, engine.device)}
     summary = {"clean_acc": row["clean_acc"], "robust_acc": row["robust_acc"], "epochs": cfg.epochs,
-               "world_size": world, "global_batch_size": global_batch, "micro_batch_size": micro,
+               "passes": passes, "world_size": world, "global_batch_size": global_batch, "micro_batch_size": micro,
                "gradient_accumulation_steps": gas, **totals, "backbone": cfg.backbone, "attack": cfg.attack,
-               "eps": cfg.eps, "eval_attack": f"pgd-{cfg.eval_steps}", "eval_samples": row["eval_samples"],
-               "dataset": data.name, "compressor": cfg.compressor, "deepspeed_config": cfg.deepspeed_config,
-               "optimizer": ds_cfg.get("optimizer", {}).get("type", "Lamb")}
+               "attack_settings": repr(attack), "loss": cfg.loss, "eps": cfg.eps, "eval_attack": f"pgd-{cfg.eval_steps}",
+               "eval_samples": row["eval_samples"], "dataset": data.name, "compressor": cfg.compressor,
+               "deepspeed_config": cfg.deepspeed_config, "optimizer": ds_cfg.get("optimizer", {}).get("type", "Lamb"),
+               "best_epoch": watch.best_epoch, "stopped_early": stopped_early}
     logger.finish(summary)
     return summary
+
+
+def _holdout_check(engine, loader, cfg: TrainConfig, watch: OverfitWatch, epoch: int) -> dict:
+    if loader is None:
+        return {}
+    pgd = evaluate(engine.module, loader, cfg.make_eval_attack(), engine.device)
+    fgsm = evaluate(engine.module, loader, attacks.create("fgsm_rs", eps=cfg.eps), engine.device)
+    out = {"holdout_pgd_acc": pgd["robust_acc"], "holdout_fgsm_acc": fgsm["robust_acc"],
+           "holdout_clean_acc": pgd["clean_acc"]}
+    out.update(watch.observe(epoch, out["holdout_pgd_acc"], out["holdout_fgsm_acc"]))
+    if out["catastrophic_overfitting"] and dist.is_main():
+        print(f"WARNING: catastrophic overfitting at epoch {epoch}: held-out PGD accuracy "
+              f"{out['holdout_pgd_acc']:.3f} fell from {watch.best:.3f} while FGSM accuracy rose to "
+              f"{out['holdout_fgsm_acc']:.3f}" + ("; stopping (best checkpoint kept)" if cfg.early_stop else ""),
+              file=sys.stderr, flush=True)
+    return out
+
+
+def _report(row: dict) -> None:
+    if dist.is_main():
+        extra = f"  held-out PGD {row['holdout_pgd_acc']:.4f}" if "holdout_pgd_acc" in row else ""
+        print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  TA {row['clean_acc']:.4f}  "
+              f"RA {row['robust_acc']:.4f}{extra}  compute {row['compute_s']:.1f}s  comm {row['comm_s']:.2f}s",
+              flush=True)
+
+
+def _rank_state(attack, compressor) -> dict:
+    """Per-rank state beyond the weights: the attack's (Free-m perturbation) and the compressor's."""
+    state = {}
+    if hasattr(attack, "state_dict"):
+        state["attack"] = attack.state_dict()
+    state["compressor"] = compressor.state_dict()
+    return state
+
+
+def _resume(engine, ckpt_dir, cfg, attack, compressor, totals, watch):
+    loaded = load_checkpoint(engine, ckpt_dir)
+    if loaded is None:
+        return 0, totals, watch
+    state, rank_state = loaded
+    if state["meta"]["backbone"] != cfg.backbone:
+        raise ValueError(f"--resume: checkpoint in {ckpt_dir} is a {state['meta']['backbone']}, not a {cfg.backbone}")
+    if hasattr(attack, "load_state_dict") and "attack" in rank_state:
+        attack.load_state_dict(rank_state["attack"])
+    compressor.load_state_dict(rank_state.get("compressor", {}))
+    watch.__dict__.update(state.get("watch", {}))
+    return state["epoch"] + 1, state["totals"], watch

@@ -14,7 +14,7 @@ from dat_ds.trainer import train
 
 def main():
     args = cli.parser(__doc__.splitlines()[0], dataset="cifar10", backbone="preactresnet18", eps=8 / 255,
-                      alpha=2 / 255, steps=10, eval_steps=10, epochs=100,
+                      alpha=None, steps=None, eval_steps=10, epochs=100,
                       output_dir="runs/cifar_dat").parse_args()
     if args.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"--dataset must be cifar10 or cifar100 for this recipe, got {args.dataset!r}")

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 recipes/fashion_mnist_dat.py --output-dir runs/fmnist   # 2 ranks
     python recipes/fashion_mnist_dat.py --train-limit 2000 --epochs 1             # 1 process
 
-Defaults follow the DAT paper's small-image setting: PGD-10, eps 0.1, step 0.025, LAMB with
+Defaults follow the DAT paper's small-image setting: PGD-10, eps 0.1, step 2.5 eps / 10, LAMB with
 layerwise adaptive LR (ds_configs/lamb_fp32.json).
 """
 from dat_ds import cli, dist
@@ -12,7 +12,7 @@ from dat_ds.trainer import train
 
 def main():
     args = cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", eps=0.1,
-                      alpha=0.025, steps=10, epochs=5, output_dir="runs/fashion_mnist_dat").parse_args()
+                      alpha=None, steps=None, epochs=5, output_dir="runs/fashion_mnist_dat").parse_args()
     summary = train(cli.train_config(args))
     if dist.is_main():
         cli.print_summary(summary)

@@ -4,12 +4,23 @@ import torch
 from dat_ds import attacks
 
 EPS = 0.1
-GRADIENT_ATTACKS = [n for n in attacks.names() if n not in ("none",)]
+L2_EPS = 1.5  # a comparable L2 radius for 28x28 images
+GRADIENT_ATTACKS = [n for n in attacks.names() if attacks.ATTACKS.get(n).uses_gradients]
+
+
+def eps_for(name):
+    return L2_EPS if attacks.ATTACKS.get(name).norm == "l2" else EPS
 
 
 def make(name, **kw):
-    kw.setdefault("eps", EPS)
+    kw.setdefault("eps", eps_for(name))
     return attacks.create(name, **kw)
+
+
+def distance(name, d):
+    if attacks.ATTACKS.get(name).norm == "l2":
+        return d.flatten(1).norm(dim=1).max()
+    return d.abs().max()
 
 
 @pytest.mark.parametrize("name", attacks.names())
@@ -17,9 +28,28 @@ def test_every_attack_stays_in_ball_and_box(name, trained_model, test_batch):
     x, y = test_batch
     x_adv = make(name).perturb(trained_model, x, y)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert distance(name, x_adv - x) <= eps_for(name) + 1e-5
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert not x_adv.requires_grad
+
+
+def same_size_noise(name, x):
+    """Random noise as large as the threat model allows: Linf corners, or an L2 sphere point."""
+    if attacks.ATTACKS.get(name).norm == "l2":
+        d = torch.randn_like(x)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * L2_EPS
+    else:
+        d = torch.randint_like(x, 0, 2) * 2 * EPS - EPS
+    return (x + d).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", GRADIENT_ATTACKS)
+def test_every_attack_beats_random_noise_of_the_same_size(name, trained_model, test_batch):
+    x, y = test_batch
+    torch.manual_seed(0)
+    noisy = accuracy(trained_model, same_size_noise(name, x), y)
+    attacked = accuracy(trained_model, make(name).perturb(trained_model, x, y), y)
+    assert attacked < noisy - 0.1, (attacked, noisy)
 
 
 @pytest.mark.parametrize("name", attacks.names())
@@ -68,12 +98,13 @@ def test_strength_order_pgd_fgsm_noise_clean(trained_model, test_batch):
     assert acc["noise"] - acc["pgd"] > 0.2, acc
 
 
-def test_more_pgd_steps_are_at_least_as_strong(trained_model, test_batch):
+@pytest.mark.parametrize("name", ["pgd", "pgd_l2"])
+def test_more_pgd_steps_are_at_least_as_strong(name, trained_model, test_batch):
     x, y = test_batch
     accs = []
     for steps in (1, 3, 10):
         torch.manual_seed(0)
-        attack = make("pgd", steps=steps, alpha=2.5 * EPS / steps)
+        attack = make(name, steps=steps, alpha=2.5 * eps_for(name) / steps)
         accs.append(accuracy(trained_model, attack.perturb(trained_model, x, y), y))
     assert accs[2] <= accs[1] + 0.01 and accs[1] <= accs[0] + 0.01, accs
 
