@@ -1,6 +1,6 @@
 """Step cost of DAT per attack, through dat-ds vs a bare PyTorch loop doing the same math.
 
-For each method (natural, FGSM-RS, PGD-k) one training step is: attack -> loss -> backward ->
+For each method (natural, FGSM-RS, PGD-k, Free-m, ConAdv) one training step is: attack -> loss -> backward ->
 gradient exchange -> optimizer step. Three implementations are timed side by side, interleaved:
 
 * ``dat-ds``: ``dat_ds.trainer.train_epoch`` on a DeepSpeed engine (world size 1), timers on;
@@ -67,6 +67,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pgd-steps", type=int, nargs="+", default=[1, 3, 10])
     p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--free-m", type=int, default=4, help="replays of Free-m")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style attack")
     args = p.parse_args()
 
@@ -85,6 +86,8 @@ def main():
     methods = {"natural": ("none", {}), "fgsm_rs": ("fgsm_rs", {"eps": args.eps})}
     for k in args.pgd_steps:
         methods[f"pgd-{k}"] = ("pgd", {"eps": args.eps, "steps": k, "alpha": 2.5 * args.eps / k})
+    methods[f"free-{args.free_m}"] = ("free", {"eps": args.eps, "steps": args.free_m})
+    methods["conadv"] = ("conadv", {"eps": args.eps})
 
     def framework_step(attack):
         return lambda: train_epoch(engine, [(x, y)], attack, reducer, timers)
@@ -99,34 +102,64 @@ def main():
             bare_opt.step()
         return step
 
-    rows, results = [], {}
+    def bare_free(m):
+        delta = torch.zeros_like(x)
+
+        def step():
+            bare_model.train()
+            for _ in range(m):  # one backward per replay gives weight and input gradients
+                x_adv = (x + delta).clamp(0, 1).requires_grad_(True)
+                loss = F.cross_entropy(bare_model(x_adv), y)
+                bare_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                bare_opt.step()
+                delta.add_(x_adv.grad.sign(), alpha=args.eps).clamp_(-args.eps, args.eps)
+        return step
+
+    def bare_conadv(attack):
+        stale = copy.deepcopy(bare_model)
+
+        def attack_fn(m, a, b):
+            torch._foreach_copy_([t.data for t in (*stale.parameters(), *stale.buffers())],
+                                 [t.data for t in (*m.parameters(), *m.buffers())])
+            return _eval_mode(stale, bare_pgd, a, b, args.eps, attack.alpha, attack.steps)
+        return bare_step(attack_fn)
+
+    rows, results, updates = [], {}, {}
     for name, (attack_name, kw) in methods.items():
         attack = attacks.create(attack_name, **kw)
+        updates[name] = attack.steps if attack_name == "free" else 1
         fns = {"dat-ds": framework_step(attack)}
         if attack_name == "none":
             fns["bare"] = bare_step(lambda m, a, b: a)
+        elif attack_name == "free":
+            fns["bare"] = bare_free(attack.steps)
+        elif attack_name == "conadv":
+            fns["bare"] = bare_conadv(attack)
         else:
             steps, alpha = attack.steps, attack.alpha
             fns["bare"] = bare_step(lambda m, a, b: _eval_mode(m, bare_pgd, a, b, args.eps, alpha, steps))
             if not args.no_reference:
                 fns["reference"] = bare_step(lambda m, a, b: _eval_mode(m, reference_pgd, a, b, args.eps, alpha, steps))
-        results[name] = time_calls(fns, args.repeats)
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}s" for k, v in results[name].items()), flush=True)
+        timed = time_calls(fns, args.repeats)
+        results[name] = {k: v / updates[name] for k, v in timed.items()}  # seconds per parameter update
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}s/update" for k, v in results[name].items()), flush=True)
 
     nat = results["natural"]
     for name, r in results.items():
-        k = methods[name][1].get("steps", 1 if name == "fgsm_rs" else 0)
+        k = methods[name][1].get("steps", 1) if methods[name][0] in ("pgd", "fgsm_rs") else 0
         ref = r.get("reference")
         rows.append([name, r["dat-ds"], r["dat-ds"] / nat["dat-ds"], r["bare"], r["bare"] / nat["bare"],
                      f"{100 * (r['dat-ds'] / r['bare'] - 1):+.1f}%",
                      "-" if ref is None else f"{ref / nat['bare']:.2f}", f"{0.7 * (k + 1):.2f}" if k else "-"])
-    headers = ["method", "dat-ds s/step", "ratio to natural", "bare s/step", "bare ratio", "dat-ds vs bare",
+    headers = ["method", "dat-ds s/update", "ratio to natural", "bare s/update", "bare ratio", "dat-ds vs bare",
                "reference-attack ratio", "target 0.7(k+1)"]
     print(f"\nmachine: {machine()}")
     print(f"backbone {args.backbone}, batch {args.batch}, {args.in_chans}x{args.img_size}x{args.img_size}, "
-          f"median of {args.repeats} interleaved steps\n")
+          f"median of {args.repeats} interleaved steps; free-m: time per replay (= per update); "
+          f"conadv: attack and update in sequence on the CPU\n")
     print(table(headers, rows))
-    path = save("step_cost", {"machine": machine(), "settings": vars(args), "seconds_per_step": results,
+    path = save("step_cost", {"machine": machine(), "settings": vars(args), "seconds_per_update": results,
                               "table": {"headers": headers, "rows": rows}})
     print(f"\nwritten: {path}")
 

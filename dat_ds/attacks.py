@@ -328,12 +328,18 @@ class ConAdv(PGD):
     def launch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Snapshot the weights and start attacking (x, y); returns a handle for :meth:`collect`."""
         if x.is_cuda:
+            main = torch.cuda.current_stream(x.device)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=x.device)
-            self._stream.wait_stream(torch.cuda.current_stream(x.device))
+            self._stream.wait_stream(main)
+            x.record_stream(self._stream)
+            y.record_stream(self._stream)
             with torch.cuda.stream(self._stream):
                 self._snapshot(model)
+                copied = torch.cuda.Event()
+                copied.record(self._stream)
                 x_adv = self.perturb(self._attacker, x, y)
+            main.wait_event(copied)  # the update may change the weights only once they are copied
             return x_adv, self._stream
         self._snapshot(model)
         return self.perturb(self._attacker, x, y), None

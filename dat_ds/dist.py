@@ -56,9 +56,12 @@ def device() -> torch.device:
 
 
 def synchronize() -> None:
-    """Wait for queued device work, so wall-clock timers measure it (no-op on the CPU)."""
+    """Wait for the current stream's queued work, so wall-clock timers measure it (no-op on the CPU).
+
+    Only the current stream: work on side streams (ConAdv's concurrent attack) keeps running.
+    """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def barrier() -> None:

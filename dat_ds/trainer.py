@@ -65,7 +65,8 @@ class TrainConfig:
     wandb_project: str = "dat-ds"
     num_workers: int = 0
     img_size: Optional[int] = None
-    extra: dict = field(default_factory=dict)
+    attack_kwargs: dict = field(default_factory=dict)  # further settings of the attack (e.g. Smooth-AT's sigma)
+    loss_kwargs: dict = field(default_factory=dict)  # further settings of the objective
 
     def validate(self) -> None:
         for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1)):
@@ -79,7 +80,7 @@ class TrainConfig:
 
     def make_objective(self) -> objectives.Objective:
         kw = {"mix": {"lam": self.lam}, "trades": {"beta": self.beta}}.get(self.loss, {})
-        return objectives.create(self.loss, **kw)
+        return objectives.create(self.loss, **kw, **self.loss_kwargs)
 
     def make_attack(self) -> attacks.Attack:
         kw = {"eps": self.eps, "alpha": self.alpha, "bn_mode": self.bn_mode,
@@ -88,7 +89,7 @@ class TrainConfig:
             kw["steps"] = self.steps
         if self.attack == "conadv":
             kw["tau"] = self.tau
-        return attacks.create(self.attack, **kw)
+        return attacks.create(self.attack, **kw, **self.attack_kwargs)
 
     def make_eval_attack(self, steps: Optional[int] = None) -> attacks.Attack:
         """PGD at the training eps: what ``robust_acc`` means in every summary."""
@@ -288,7 +289,8 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
     summary = {"clean_acc": row["clean_acc"], "robust_acc": row["robust_acc"], "epochs": cfg.epochs,
                "passes": passes, "world_size": world, "global_batch_size": global_batch, "micro_batch_size": micro,
                "gradient_accumulation_steps": gas, **totals, "backbone": cfg.backbone, "attack": cfg.attack,
-               "attack_settings": repr(attack), "loss": cfg.loss, "eps": cfg.eps, "eval_attack": f"pgd-{cfg.eval_steps}",
+               "attack_settings": repr(attack), "loss": cfg.loss, "eps": cfg.eps,
+               "eval_attack": f"{'pgd_l2' if eval_attack.norm == 'l2' else 'pgd'}-{cfg.eval_steps}",
                "eval_samples": row["eval_samples"], "dataset": data.name, "compressor": cfg.compressor,
                "deepspeed_config": cfg.deepspeed_config, "optimizer": ds_cfg.get("optimizer", {}).get("type", "Lamb"),
                "best_epoch": watch.best_epoch, "stopped_early": stopped_early}
