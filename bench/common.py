@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 import torch
 

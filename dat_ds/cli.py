@@ -29,7 +29,8 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+    g.add_argument("--dataset", default="fashion_mnist",
+                   help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training samples")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
@@ -42,7 +43,8 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g = p.add_argument_group("attack (inner maximization)")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
                    help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")
-    g.add_argument("--eps", type=number, default=0.1, help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
+    g.add_argument("--eps", type=number, default=0.1,
+                   help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
     g.add_argument("--alpha", type=number, default=None, help="step size (default: the attack's own rule)")
     g.add_argument("--steps", type=int, default=None,
                    help="attack steps (PGD-k; default 10), or the replays m of free (default 4)")
@@ -56,7 +58,8 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=6.0, help="trades: weight of the KL term")
     g = p.add_argument_group("held-out check (FGSM safety)")
     g.add_argument("--holdout", type=int, default=None,
-                   help="training samples held out for a per-epoch PGD/FGSM check (default: for fgsm_rs min(1000, 10%% of the training set), else 0); "
+                   help="training samples held out for a per-epoch PGD/FGSM check (default: for fgsm_rs "
+                        "min(1000, 10%% of the training set), else 0); "
                         "the best epoch is kept in checkpoints/best and reported")
     g.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="keep training after catastrophic overfitting is detected")

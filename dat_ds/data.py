@@ -13,13 +13,12 @@ Small datasets live in memory as uint8 tensors and are sliced a batch at a time
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -187,7 +186,8 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None) -> Tuple[Tensor
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{files[img_stem]} and {files[lbl_stem]} do not match "
                             f"(shapes {images.shape} and {labels.shape})")
-        out.append(TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
+        out.append(TensorImages(torch.from_numpy(images.copy()).unsqueeze(1),
+                                torch.from_numpy(labels.astype(np.int64))))
     return out[0], out[1]
 
 
@@ -302,8 +302,10 @@ def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[HFIm
 STATS = {
     "fashion_mnist": dict(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,)),
     "mnist": dict(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,)),
-    "cifar10": dict(num_classes=10, in_chans=3, img_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)),
-    "cifar100": dict(num_classes=100, in_chans=3, img_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "cifar10": dict(num_classes=10, in_chans=3, img_size=32, mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2471, 0.2435, 0.2616)),
+    "cifar100": dict(num_classes=100, in_chans=3, img_size=32, mean=(0.5071, 0.4865, 0.4409),
+                     std=(0.2673, 0.2564, 0.2762)),
     "imagefolder": dict(num_classes=0, in_chans=3, img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 

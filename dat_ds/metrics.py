@@ -8,7 +8,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 from . import dist
 

@@ -8,7 +8,7 @@ schedule. The same code runs on CPU and GPU.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer

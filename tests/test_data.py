@@ -120,7 +120,8 @@ def test_imagefolder_through_hf_datasets(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / cls / f"{i}.png")
     info = load_dataset("imagefolder", str(tmp_path), img_size=32)
     assert info.num_classes == 2 and len(info.train) == 6 and len(info.test) == 4
     x, y = info.test[0]

@@ -1,5 +1,4 @@
 """Real multi-rank runs: the deepspeed launcher, 2 CPU ranks, gloo."""
-import pytest
 import torch
 
 from conftest import ROOT, run_deepspeed
