@@ -36,6 +36,7 @@ demo: setup data
 		--train-limit 20000 --eval-limit 1000 --epochs 2 --output-dir runs/demo
 
 test: setup data
+	$(VENV)/bin/ruff check dat_ds recipes bench tests
 	$(PYTEST) -m "not slow"
 
 test-slow: setup data

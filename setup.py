@@ -25,6 +25,6 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
     },
 )
