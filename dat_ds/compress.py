@@ -50,7 +50,8 @@ State (``state_dict()``, tensors only, so it loads with ``torch.load(weights_onl
 ``ef_sign`` keeps ``worker_error`` (the padded flat gradient) and ``server_error`` (the
 shard this rank serves, two-sided only); ``sign_vote`` with momentum keeps ``momentum``;
 ``qsgd`` keeps its ``generator`` state when it was given a generator. One compressor instance
-serves one gradient layout and world size.
+serves one gradient layout and world size. On the CPU a compressor also keeps scratch buffers
+(``Workspace``, about 20 bytes per gradient value) so that the hot path allocates nothing.
 """
 from __future__ import annotations
 
@@ -112,19 +113,23 @@ def flatten_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
 # --- scratch memory ---------------------------------------------------------------------------
 
 class Workspace:
-    """Named scratch tensors reused across calls.
+    """Named scratch tensors reused across calls, on the CPU.
 
-    On the CPU a fresh 45 MB tensor costs about as much in page faults as two passes of
-    arithmetic over it, so the hot path writes into buffers it keeps. Each name is one role;
-    a buffer only grows.
+    There a fresh 45 MB tensor costs about as much in page faults as two passes of arithmetic
+    over it, so the hot path writes into buffers it keeps (about 20 bytes per gradient value
+    in all). Each name is one role; a buffer only grows. On accelerators the caching allocator
+    already recycles memory, so tensors are allocated per call and the memory goes back to it.
     """
 
     def __init__(self):
         self._bufs: Dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         numel = math.prod(shape)
-        key = (name, dtype, torch.device(device))
+        key = (name, dtype, device)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -144,8 +149,9 @@ def _empty(ws: Optional[Workspace], name: str, shape, dtype, device) -> torch.Te
 # Other widths merge neighbouring lanes in rounds of shift-and-mask (SWAR) until a lane holds a
 # whole byte of codes (b = 2, 4: the packed bytes are then the low bytes of int32 / int16
 # lanes, taken by integer narrowing) or, for b = 3, 5, 6, 7, until one word holds its b bytes.
-# Unpacking runs the rounds backwards. Everything is vectorized over the tensor; the Python
-# loops run over at most three rounds. Arithmetic is modulo 2^64 (int64 wrap-around).
+# Unpacking runs the rounds backwards; 1- and 2-bit codes can also go straight to floats through
+# a 256-entry table per byte value. Everything is vectorized over the tensor; the Python loops
+# run over at most three rounds. Arithmetic is modulo 2^64 (int64 wrap-around).
 
 _GATHER_BITS = 0x0102040810204080              # byte i's bit 0 -> bit 56 + i
 _SPREAD_BYTE = 0x0101010101010101              # one byte copied into all eight lanes
@@ -228,6 +234,29 @@ def unpack_bits(packed: torch.Tensor, bits: int, m: int, out: Optional[torch.Ten
     return out if direct else out.copy_(codes)
 
 
+_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def _byte_table(bits: int, offset: float, step: float, device) -> torch.Tensor:
+    """(256, 8 / bits) fp32: the codes packed in each byte value, as offset + step * code."""
+    key = (bits, offset, step, torch.device(device))
+    if key not in _TABLES:
+        codes = (torch.arange(256).unsqueeze(1) >> (torch.arange(8 // bits) * bits)) & ((1 << bits) - 1)
+        _TABLES[key] = (offset + step * codes).float().to(device)
+    return _TABLES[key]
+
+
+def unpack_to_float(packed: torch.Tensor, bits: int, offset: float, step: float, out: torch.Tensor,
+                    ws: Optional[Workspace] = None) -> torch.Tensor:
+    """Packed codes of 1 or 2 bits straight to fp32 ``offset + step * code`` in ``out`` (R, m),
+    contiguous: one table lookup per byte (4 or 8 values), cheaper than unpacking then converting."""
+    assert bits in (1, 2) and out.is_contiguous()
+    index = _empty(ws, "lookup.index", packed.shape, torch.int32, packed.device).copy_(packed)
+    torch.index_select(_byte_table(bits, offset, step, packed.device), 0, index.view(-1),
+                       out=out.view(-1, 8 // bits))
+    return out
+
+
 # --- QSGD -------------------------------------------------------------------------------------
 # Bucket v, t_i = a v_i / ||v|| + c, code_i = floor(t_i + u_i) with u_i ~ U[0, 1), decoded as
 # (code_i - c) ||v|| / a. E[code_i] = t_i, so decoding is unbiased. For b >= 2, a = c = s =
@@ -296,11 +325,14 @@ def qsgd_decode(data: torch.Tensor, bits: int, bucket_size: int, size: int, out:
     if out is None:
         out = torch.zeros(rows, size, dtype=torch.float32, device=data.device)
     step = data[:, :header].contiguous().view(torch.float32).view(rows, nb, 1) * (weight / a)
-    codes = data[:, header:] if bits == 8 else \
-        unpack_bits(data[:, header:], bits, size, out=_empty(ws, "qsgd.dcodes", (rows, size), torch.uint8,
-                                                              data.device), ws=ws)
     level = _empty(ws, "qsgd.level", (rows, size), torch.float32, data.device) if accumulate else out
-    level.copy_(codes).sub_(c)                                 # the signed level, exact
+    if bits <= 2:                                              # the signed level code - c, exact
+        unpack_to_float(data[:, header:], bits, -c, 1.0, level, ws)
+    else:
+        codes = data[:, header:] if bits == 8 else \
+            unpack_bits(data[:, header:], bits, size, ws=ws,
+                        out=_empty(ws, "qsgd.dcodes", (rows, size), torch.uint8, data.device))
+        level.copy_(codes).sub_(c)
     if accumulate:
         out.view(rows, nb, bucket_size).addcmul_(level.view(rows, nb, bucket_size), step)
     else:
@@ -359,15 +391,14 @@ def sign_decode(data: torch.Tensor, size: int, bucket_size: Optional[int] = None
     rows = data.shape[0]
     if out is None:
         out = torch.zeros(rows, size, dtype=torch.float32, device=data.device)
+    header = 4 * (size // bucket_size) if bucket_size else 0
     signs = _empty(ws, "sign.values", (rows, size), torch.float32, data.device) if accumulate else out
-    signs.copy_(sign_unpack(data, size, bucket_size, ws))
-    if bucket_size:
-        nb = size // bucket_size
-        scale = data[:, :4 * nb].contiguous().view(torch.float32).view(rows, nb, 1) * weight
-        view = signs.view(rows, nb, bucket_size)
-        torch.addcmul(scale, view, -2 * scale, out=view)       # bit b -> (1 - 2 b) scale, exact
+    if bucket_size:                                            # bit b -> (1 - 2 b) scale, exact
+        unpack_to_float(data[:, header:], 1, 1.0, -2.0, signs, ws)
+        scale = data[:, :header].contiguous().view(torch.float32).view(rows, -1, 1) * weight
+        signs.view(rows, -1, bucket_size).mul_(scale)
     else:
-        signs.mul_(-2 * weight).add_(weight)
+        unpack_to_float(data, 1, weight, -2.0 * weight, signs, ws)
     return out.add_(signs) if accumulate else out
 
 
