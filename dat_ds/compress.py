@@ -51,7 +51,7 @@ State (``state_dict()``, tensors only, so it loads with ``torch.load(weights_onl
 shard this rank serves, two-sided only); ``sign_vote`` with momentum keeps ``momentum``;
 ``qsgd`` keeps its ``generator`` state when it was given a generator. One compressor instance
 serves one gradient layout and world size. On the CPU a compressor also keeps scratch buffers
-(``Workspace``, about 20 bytes per gradient value) so that the hot path allocates nothing.
+(``Workspace``, 12 to 24 bytes per gradient value) so that the hot path allocates nothing.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class Workspace:
     """Named scratch tensors reused across calls, on the CPU.
 
     There a fresh 45 MB tensor costs about as much in page faults as two passes of arithmetic
-    over it, so the hot path writes into buffers it keeps (about 20 bytes per gradient value
+    over it, so the hot path writes into buffers it keeps (12 to 24 bytes per gradient value
     in all). Each name is one role; a buffer only grows. On accelerators the caching allocator
     already recycles memory, so tensors are allocated per call and the memory goes back to it.
     """
