@@ -84,6 +84,7 @@ def test_bytes_sent_follow_the_accounting_convention(exchanges, world):
     for key, (name, kw) in configs.items():
         expected = expected_bytes(name, kw, numel, world)
         assert all(r[key]["bytes"] == [expected] * len(r[key]["bytes"]) for r in ranks), (key, expected)
+        assert all(t > 0 for r in ranks for t in r[key]["comm_seconds"]), key     # collectives are timed
         if name == "qsgd" and kw["topology"] == "one-sided":   # b/32 of fp32 + a norm per bucket (+ padding)
             padded = math.ceil(numel / (world * 64)) * world * 64
             assert expected <= (world - 1) * (kw["bits"] / 32 * 4 * padded + 4 * padded / 64)
@@ -236,6 +237,17 @@ def test_payload_sizes():
         assert c.decode(payload).shape == x.shape
     assert create("sign_vote").encode(x).nbytes == math.ceil(n / 8)                        # 1/32, padded to a byte
     assert create("ef_sign", bucket_size=bucket).encode(x).nbytes == math.ceil(n / 8) + 4 * buckets
+
+
+def test_scaled_sign_uses_the_mean_magnitude_of_the_data_not_the_padding():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))    # one bucket of 2048, mostly padding
+    c = create("ef_sign", bucket_size=2048)
+    payload = c.encode(x)
+    scale = payload.data[:4].view(torch.float32)
+    torch.testing.assert_close(scale, x.abs().mean().reshape(1))
+    torch.testing.assert_close(c.decode(payload), torch.where(x < 0, -scale, scale))
+    residual = c.state_dict()["worker_error"]
+    assert not residual[1000:].any()                                   # padding keeps no error
 
 
 def test_encode_decode_are_vectorized():

@@ -65,13 +65,15 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     for key, name, kw, byzantine_case in configs(world):
         grads = gradients(rank, byzantine_case)
         compressor = compress.create(name, generator=torch.Generator().manual_seed(1000 + rank), **kw)
-        sent, total = [], 0
+        sent, seconds, total = [], [], 0
         for _ in range(STEPS):  # the same gradients every step: error feedback telescopes
             out = [g.clone() for g in grads]
-            sent.append(compressor.all_reduce_(out).bytes_sent)
+            stats = compressor.all_reduce_(out)
+            sent.append(stats.bytes_sent)
+            seconds.append(stats.comm_seconds)
             total = total + compress.flatten(out)
         results[key] = {"in": compress.flatten(grads), "out": compress.flatten(out), "out_sum": total,
-                        "bytes": sent, "state": compressor.state_dict()}
+                        "bytes": sent, "comm_seconds": seconds, "state": compressor.state_dict()}
     torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
     tdist.destroy_process_group()
 
