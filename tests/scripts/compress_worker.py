@@ -1,0 +1,101 @@
+"""Run every compressor on real gloo ranks and save what each rank ends with (used by the tests).
+
+    python tests/scripts/compress_worker.py --out DIR --worlds 2 3 4
+
+For each world size the script starts that many ranks (torch.multiprocessing, gloo over
+loopback). Every rank exchanges its own gradients (different per rank) through each
+configuration in ``configs(world)`` ``STEPS`` times and saves ``DIR/world{N}_rank{R}.pt``: per
+configuration the input flat gradient, the last output and the sum of the outputs, the bytes
+each exchange reported, and the compressor's state.
+"""
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from dat_ds import compress  # noqa: E402
+
+# awkward sizes: the flat gradient (3,481 values) splits into neither shards nor buckets
+SHAPES = [(3, 5), (1000,), (7, 11, 13), (1465,)]
+STEPS = 3
+
+
+def configs(world: int):
+    """(key, compressor name, settings, Byzantine?) for one world size."""
+    out = [("none", "none", {}, False)]
+    for topology in compress.TOPOLOGIES:
+        for bits in (1, 3, 4, 8):
+            out.append((f"qsgd bits={bits} {topology}", "qsgd", {"bits": bits, "bucket_size": 64, "topology": topology},
+                        False))
+        out.append((f"sign_vote {topology}", "sign_vote", {"topology": topology}, False))
+        out.append((f"sign_vote momentum=0.9 {topology}", "sign_vote", {"momentum": 0.9, "topology": topology}, False))
+        out.append((f"ef_sign {topology}", "ef_sign", {"bucket_size": 128, "topology": topology}, False))
+    if world >= 3:  # one Byzantine rank (the last) is a minority
+        bad = (world - 1,)
+        for topology in compress.TOPOLOGIES:
+            for mode in ("flip", "random"):
+                out.append((f"byzantine sign_vote {mode} {topology}", "sign_vote",
+                            {"topology": topology, "byzantine_ranks": bad, "byzantine_mode": mode}, True))
+            out.append((f"byzantine sign_vote momentum=0.5 flip {topology}", "sign_vote",
+                        {"momentum": 0.5, "topology": topology, "byzantine_ranks": bad, "byzantine_mode": "flip"}, True))
+        out.append(("byzantine none scale", "none", {"byzantine_ranks": bad, "byzantine_mode": "scale"}, True))
+    return out
+
+
+def gradients(rank: int, byzantine_case: bool):
+    if byzantine_case:
+        # every rank sees the same direction with its own positive noise: honest signs agree
+        base = [torch.randn(s, generator=torch.Generator().manual_seed(7)) for s in SHAPES]
+        gen = torch.Generator().manual_seed(100 + rank)
+        return [b * (0.5 + torch.rand(b.shape, generator=gen)) for b in base]
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(s, generator=gen) * (1 + i) for i, s in enumerate(SHAPES)]
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for key, name, kw, byzantine_case in configs(world):
+        grads = gradients(rank, byzantine_case)
+        compressor = compress.create(name, generator=torch.Generator().manual_seed(1000 + rank), **kw)
+        sent, seconds, total = [], [], 0
+        for _ in range(STEPS):  # the same gradients every step: error feedback telescopes
+            out = [g.clone() for g in grads]
+            stats = compressor.all_reduce_(out)
+            sent.append(stats.bytes_sent)
+            seconds.append(stats.comm_seconds)
+            total = total + compress.flatten(out)
+        results[key] = {"in": compress.flatten(grads), "out": compress.flatten(out), "out_sum": total,
+                        "bytes": sent, "comm_seconds": seconds, "state": compressor.state_dict()}
+    torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # fork where there is one: the ranks inherit the imported torch instead of importing it again
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    for world in args.worlds:
+        mp.start_processes(run, args=(world, free_port(), args.out), nprocs=world, start_method=method)
+
+
+if __name__ == "__main__":
+    main()
