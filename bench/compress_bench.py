@@ -138,7 +138,8 @@ def main():
           "updates, unflatten; gloo moves bytes on its own threads), unaffected by other processes taking turns "
           "on the cores; GB/s of fp32 gradient through it.\n1 Gbit/s model: bytes sent / 125 MB/s + encode+decode "
           "CPU, against the fp32 ring all-reduce on the same link.")
-    path = save(args.name, {"machine": machine(), "load_average": load, "settings": {**vars(args), "numel": numel, "tensors": len(shapes)},
+    settings = {**vars(args), "numel": numel, "tensors": len(shapes)}
+    path = save(args.name, {"machine": machine(), "load_average": load, "settings": settings,
                             "configs": {k: {"compressor": n, **kw} for k, n, kw in CONFIGS}, "results": result,
                             "table": {"headers": headers, "rows": rows}})
     print(f"\nwritten: {path}")

@@ -12,7 +12,7 @@ import sys
 from fractions import Fraction
 from typing import Callable, Optional
 
-from . import attacks, objectives
+from . import attacks, compress, objectives
 
 
 def number(text: str) -> float:
@@ -21,6 +21,14 @@ def number(text: str) -> float:
         return float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def rank_list(text: str) -> tuple:
+    """``"1,3"`` -> ``(1, 3)``."""
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ranks: {text!r}") from None
 
 
 def parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -68,8 +76,23 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compressor", default="none", help="gradient compressor")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="end this invocation after N epochs (the schedule still spans --epochs); --resume continues")
     g.add_argument("--eval-batch-size", type=int, default=256)
+    g = p.add_argument_group("gradient communication")
+    g.add_argument("--compressor", default="none", choices=compress.names(),
+                   help="none: fp32 all-reduce; qsgd: b-bit QSGD; sign_vote: signSGD/Signum majority vote; "
+                        "ef_sign: scaled sign with error feedback")
+    g.add_argument("--bits", type=int, default=8, help="qsgd: bits per coordinate (1..8)")
+    g.add_argument("--bucket-size", type=int, default=None, help="qsgd/ef_sign: values per norm/scale bucket")
+    g.add_argument("--topology", default="one-sided", choices=compress.TOPOLOGIES,
+                   help="one-sided: all-gather of compressed gradients; two-sided: parameter server "
+                        "(every rank serves a 1/N shard and re-compresses the aggregate)")
+    g.add_argument("--sign-momentum", type=float, default=0.0, help="sign_vote: momentum (Signum); 0 = signSGD")
+    g.add_argument("--byzantine-ranks", type=rank_list, default=(), metavar="R1,R2",
+                   help="experiments: ranks that send corrupted gradients")
+    g.add_argument("--byzantine-mode", default=None, choices=compress.BYZANTINE_MODES,
+                   help="flip (-g), random (noise of |g|), scale (-100 g)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/dat")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
@@ -106,6 +129,8 @@ def run(fn: Callable[[], Optional[dict]]) -> None:
 
 def print_summary(summary: dict) -> None:
     """The end-of-run table: clean accuracy (TA) and PGD robust accuracy (RA)."""
+    if "clean_acc" not in summary:  # the run stopped early on request (--stop-after)
+        return
     rows = [("backbone", summary["backbone"]), ("attack (train)", summary["attack"]),
             ("eps", f"{summary['eps']:.4g}"), ("ranks x micro batch", f"{summary['world_size']} x "
             f"{summary['micro_batch_size']} = {summary['global_batch_size']}"),

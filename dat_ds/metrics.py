@@ -29,6 +29,11 @@ class Timers:
             dist.synchronize()
             self.seconds[name] += time.perf_counter() - t0
 
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Re-attribute ``seconds`` measured inside ``source`` to ``target``."""
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
+
     def reset(self) -> Dict[str, float]:
         out, self.seconds = dict(self.seconds), defaultdict(float)
         return out

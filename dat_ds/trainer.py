@@ -12,6 +12,7 @@ weights while update t runs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 import sys
@@ -42,6 +43,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     stem: str = "auto"
     epochs: int = 5
+    stop_after: Optional[int] = None  # end this invocation after N epochs; --resume continues
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
     seed: int = 0
@@ -60,6 +62,12 @@ class TrainConfig:
     early_stop: bool = True
     co_drop: float = 0.2
     compressor: str = "none"
+    bits: int = 8
+    bucket_size: Optional[int] = None  # None: the compressor's default (QSGD 512, ef_sign 2048)
+    topology: str = "one-sided"
+    sign_momentum: float = 0.0
+    byzantine_ranks: tuple = ()
+    byzantine_mode: Optional[str] = None  # None: the compressor's default
     resume: bool = False
     wandb: bool = False
     wandb_project: str = "dat-ds"
@@ -69,12 +77,14 @@ class TrainConfig:
     loss_kwargs: dict = field(default_factory=dict)  # further settings of the objective
 
     def validate(self) -> None:
-        for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1)):
+        for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1),
+                          ("stop_after", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.co_drop <= 1:
             raise ValueError(f"--co-drop must lie in (0, 1], got {self.co_drop}")
         self.make_objective()
+        self.make_compressor()  # checks compressor name and settings
         self.make_attack()  # checks attack name, eps, alpha, steps
         self.make_eval_attack()
 
@@ -90,6 +100,14 @@ class TrainConfig:
         if self.attack == "conadv":
             kw["tau"] = self.tau
         return attacks.create(self.attack, **kw, **self.attack_kwargs)
+
+    def make_compressor(self) -> compress.Compressor:
+        """The gradient exchange; only the settings the chosen compressor takes are passed on."""
+        kw = {"bits": self.bits, "bucket_size": self.bucket_size, "topology": self.topology,
+              "momentum": self.sign_momentum, "byzantine_ranks": tuple(self.byzantine_ranks),
+              "byzantine_mode": self.byzantine_mode}
+        takes = inspect.signature(compress.COMPRESSORS.get(self.compressor)).parameters
+        return compress.create(self.compressor, **{k: v for k, v in kw.items() if k in takes and v is not None})
 
     def make_eval_attack(self, steps: Optional[int] = None) -> attacks.Attack:
         """PGD at the training eps: what ``robust_acc`` means in every summary."""
@@ -136,8 +154,10 @@ def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.
         engine.backward(loss)
     sent = 0
     if engine.is_gradient_accumulation_boundary():
-        with timers("comm"):
-            sent = exchange_gradients(engine, compressor).bytes_sent
+        with timers("codec"):  # encode + decode; the collectives' own time moves to "comm"
+            stats = exchange_gradients(engine, compressor)
+        timers.move("codec", "comm", stats.comm_seconds)
+        sent = stats.bytes_sent
     with timers("step"):
         engine.step()
     return sent
@@ -238,7 +258,7 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
     engine = initialize(model, ds_cfg, max(1, len(loader) * replays // gas), passes)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
 
-    compressor = compress.create(cfg.compressor)
+    compressor = cfg.make_compressor()
     test_loader = eval_loader(data.test, cfg.eval_batch_size, rank, world, cfg.num_workers)
     holdout_loader = eval_loader(holdout_set, cfg.eval_batch_size, rank, world) if holdout_set else None
     out, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
@@ -269,7 +289,8 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
                   "bytes_sent_per_rank": totals["bytes_sent_per_rank"] + stats["bytes_sent"]}
         row = {"epoch": epoch, "lr": engine.get_lr()[0], "train_loss": stats["train_loss"], **ev, **hold,
                "epoch_s": time.perf_counter() - t0, "compute_s": compute_s, "comm_s": comm_s,
-               "attack_s": phase.get("attack", 0.0), "bytes_sent_per_rank": stats["bytes_sent"],
+               "attack_s": phase.get("attack", 0.0), "codec_s": phase.get("codec", 0.0),
+               "bytes_sent_per_rank": stats["bytes_sent"],
                "global_step": engine.global_steps}
         logger.log_epoch(row)
         _report(row)
@@ -279,6 +300,10 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
         if hold.get("catastrophic_overfitting") and cfg.early_stop:
             stopped_early = True
             break
+        if cfg.stop_after is not None and epoch + 1 - start >= cfg.stop_after and epoch + 1 < passes:
+            if dist.is_main():
+                print(f"stopping after {cfg.stop_after} epoch(s) as asked; --resume continues", flush=True)
+            return {"stopped_after_epoch": epoch}
 
     if not row:  # resumed a finished run: report its last epoch
         row = load_checkpoint(engine, ckpt_dir)[0]["metrics"]

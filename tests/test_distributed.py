@@ -1,4 +1,5 @@
 """Real multi-rank runs: the deepspeed launcher, 2 CPU ranks, gloo."""
+import pytest
 import torch
 
 from conftest import ROOT, run_deepspeed
@@ -35,3 +36,17 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path):
     assert one_rank["steps"] == 3 and (p1 - one_rank["init"]).abs().max() > 1e-3  # training moved the weights
     assert torch.equal(load(two)["init"], one_rank["init"])
     assert (p2 - p1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("compressor, topology", [("qsgd", "two-sided"), ("sign_vote", "one-sided"),
+                                                  ("ef_sign", "two-sided")])
+def test_compressed_training_keeps_ranks_identical(tmp_path, compressor, topology):
+    """The trainer's only gradient exchange is the compressor: every method keeps the ranks in lockstep."""
+    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--micro", "16", "--steps", "3", "--compressor", compressor,
+                               "--topology", topology])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = load(tmp_path, 0), load(tmp_path, 1)
+    assert torch.equal(a["params"], b["params"])
+    assert (a["params"] - a["init"]).abs().max() > 0
+    fp32_bytes = 3 * 2 * (2 - 1) * a["params"].numel() * 4 // 2
+    assert 0 < a["bytes"] < fp32_bytes / 3  # well under the fp32 all-reduce

@@ -42,8 +42,8 @@ def configs(world: int):
             for mode in ("flip", "random"):
                 out.append((f"byzantine sign_vote {mode} {topology}", "sign_vote",
                             {"topology": topology, "byzantine_ranks": bad, "byzantine_mode": mode}, True))
-            out.append((f"byzantine sign_vote momentum=0.5 flip {topology}", "sign_vote",
-                        {"momentum": 0.5, "topology": topology, "byzantine_ranks": bad, "byzantine_mode": "flip"}, True))
+            signum = {"momentum": 0.5, "topology": topology, "byzantine_ranks": bad, "byzantine_mode": "flip"}
+            out.append((f"byzantine sign_vote momentum=0.5 flip {topology}", "sign_vote", signum, True))
         out.append(("byzantine none scale", "none", {"byzantine_ranks": bad, "byzantine_mode": "scale"}, True))
     return out
 

@@ -22,6 +22,7 @@ p.add_argument("--backbone", default="test_resnet")
 p.add_argument("--stem", default="native")
 p.add_argument("--attack", default="pgd")
 p.add_argument("--compressor", default="none")
+p.add_argument("--topology", default="one-sided")
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
@@ -38,7 +39,8 @@ init = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
 seed_everything(1000 + rank)
 loader.sampler.set_epoch(0)
 attack = attacks.create(args.attack, eps=0.1, steps=2) if args.attack != "none" else attacks.create("none")
-stats = train_epoch(engine, loader, attack, compress.create(args.compressor), Timers())
+kw = {} if args.compressor == "none" else {"topology": args.topology}
+stats = train_epoch(engine, loader, attack, compress.create(args.compressor, **kw), Timers())
 flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
 Path(args.out).mkdir(parents=True, exist_ok=True)
 torch.save({"params": flat, "init": init, "steps": stats["micro_steps"], "bytes": stats["bytes_sent"], "world": world},
