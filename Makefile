@@ -44,6 +44,7 @@ test-slow: setup data
 
 bench: setup data
 	$(PY) bench/step_cost.py
+	$(PY) bench/compress_bench.py
 
 clean:
 	rm -rf runs build *.egg-info
