@@ -70,6 +70,11 @@ def smoothed_log_probs(model: nn.Module, x: torch.Tensor, noise: torch.Tensor) -
     return torch.logsumexp(log_p, dim=1) - math.log(m)  # log of the mean, without underflow
 
 
+def _sum_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Summed, like the engine's PGD loss: each sample's step is normalised, only directions matter.
+    return F.nll_loss(log_p, y, reduction="sum")
+
+
 @ATTACKS.register("smooth_pgd_l2")
 class SmoothPGDL2(PGD):
     """SmoothAdv PGD-L2 (Salman et al. 2019) against the soft smoothed classifier.
@@ -102,8 +107,7 @@ class SmoothPGDL2(PGD):
         def smoothed(inputs):  # fixed noise: every step attacks the same Monte Carlo estimate
             return smoothed_log_probs(model, inputs, noise)
 
-        nll = lambda log_p, target: F.nll_loss(log_p, target, reduction="sum")  # noqa: E731
-        return pgd_l2(smoothed, x, y, self.eps, self.alpha, self.steps, self.random_start, nll)
+        return pgd_l2(smoothed, x, y, self.eps, self.alpha, self.steps, self.random_start, _sum_nll)
 
 
 @OBJECTIVES.register("smooth")
