@@ -23,6 +23,8 @@ setup(
         "numpy",
         "tqdm",
         "Pillow",
+        "scipy>=1.7",  # Clopper-Pearson bounds and the binomial test of randomized-smoothing certification
+        "matplotlib",  # the certified-accuracy plot of recipes/certify.py
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],

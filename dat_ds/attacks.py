@@ -360,3 +360,7 @@ def create(name: str, **kwargs) -> Attack:
 
 def names():
     return ATTACKS.names()
+
+
+# Randomized-smoothing attacks register themselves with this registry.
+from . import smoothing  # noqa: E402,F401
