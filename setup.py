@@ -23,6 +23,8 @@ setup(
         "numpy",
         "tqdm",
         "Pillow",
+        "pyautoattack>=0.2",  # AutoAttack (Croce & Hein), the packaged fra31/auto-attack
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],
