@@ -7,6 +7,8 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # CPU ranks are processes: one thread each keeps 2 ranks from oversubscribing 2 cores.
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
+# DeepSpeed JIT-builds a small shared-memory op on first use: cache it with this checkout's venv
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 NGPU    := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 # without GPUs the launcher counts NUMA nodes, not devices: ask for 2 CPU ranks explicitly
 LAUNCH  := $(if $(filter 0,$(NGPU)),--num_gpus 2,)

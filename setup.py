@@ -24,7 +24,8 @@ setup(
         "tqdm",
         "Pillow",
         "scipy>=1.7",  # Clopper-Pearson bounds and the binomial test of randomized-smoothing certification
-        "matplotlib",  # the certified-accuracy plot of recipes/certify.py
+        "matplotlib",  # plots of recipes/evaluate.py and recipes/certify.py
+        "pyautoattack>=0.2",  # AutoAttack (Croce & Hein), the packaged fra31/auto-attack
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],

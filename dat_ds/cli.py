@@ -142,4 +142,6 @@ def print_summary(summary: dict) -> None:
     print("\n" + "-" * (width + 24))
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("-" * (width + 24), flush=True)
+    print("-" * (width + 24))
+    print(f"full robustness suite (PGD sweeps, AutoAttack): python recipes/evaluate.py --checkpoint "
+          f"{summary['output_dir']}", flush=True)

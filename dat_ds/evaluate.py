@@ -1,13 +1,26 @@
-"""Clean and robust accuracy on a rank-sharded test set; counts are summed over ranks."""
+"""Clean and robust accuracy on a rank-sharded test set; counts are summed over ranks.
+
+:func:`evaluate` is the quick check the trainer runs every epoch. :func:`sample_table` is the
+full robustness suite (``recipes/evaluate.py``): PGD with restarts, sweeps over eps and steps,
+and AutoAttack, recorded per test sample. Attack randomness is seeded from each batch's first
+global sample index, and batches are the same blocks of the test set on any number of ranks,
+so 1 rank and N ranks give identical results.
+"""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
 
-from . import dist
+from . import attacks, dist
 from .attacks import Attack
+from .data import ShardSampler, _batch_collate
 
 
 def accuracy_counts(model: nn.Module, loader: Iterable, attack: Optional[Attack],
@@ -39,3 +52,199 @@ def evaluate(model: nn.Module, loader: Iterable, attack: Optional[Attack], devic
     if attack is not None:
         out["robust_acc"] = c["correct_robust"] / n
     return out
+
+
+# --- the robustness suite: PGD with restarts, sweeps, AutoAttack ----------------------------
+
+NORMS = ("linf", "l2")
+
+
+def _check_threat(eps: float, norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if eps < 0 or (norm == "linf" and eps > 1):
+        raise ValueError(f"eps must lie in [0, 1] for linf, got {eps}" if norm == "linf"
+                         else f"eps must be >= 0, got {eps}")
+
+
+AUTOATTACK_SALT = 1 << 30  # PGD restarts use salts 0, 1, ...
+
+
+def _seed(seed: int, first: int, salt: int) -> int:
+    """A torch seed from the run seed, a batch's first global sample index and a salt (the restart)."""
+    return int(np.random.SeedSequence([seed, first, salt]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class PGDSpec:
+    """PGD-k with random starts; a sample counts as robust only if it survives every restart.
+
+    ``alpha`` defaults to ``2.5 eps / steps`` (the attack's own rule).
+    """
+    eps: float
+    steps: int = 10
+    alpha: Optional[float] = None
+    restarts: int = 1
+    norm: str = "linf"
+
+    def __post_init__(self):
+        _check_threat(self.eps, self.norm)
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+        object.__setattr__(self, "alpha", self.attack().alpha)  # also checks steps and alpha
+
+    @property
+    def name(self) -> str:
+        return f"pgd{self.steps}x{self.restarts}_{self.norm}_eps{self.eps:.6g}"
+
+    def attack(self) -> attacks.Attack:
+        return attacks.create("pgd" if self.norm == "linf" else "pgd_l2", eps=self.eps, alpha=self.alpha,
+                              steps=self.steps)
+
+    def record(self, acc: float) -> dict:
+        return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha, "restarts": self.restarts,
+                "norm": self.norm, "robust_acc": acc}
+
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor,
+                seed: Tuple[int, int]) -> torch.Tensor:
+        """``alive`` (clean-correct samples) narrowed to those still correct after every restart."""
+        attack, alive = self.attack(), alive.clone()
+        for restart in range(self.restarts if self.eps > 0 else 0):
+            idx = alive.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(_seed(*seed, restart))
+                x_adv = attack.perturb(model, x[idx], y[idx])
+            with torch.no_grad():
+                alive[idx] = model(x_adv).argmax(1) == y[idx]
+        return alive
+
+
+@dataclass(frozen=True)
+class AutoAttackSpec:
+    """AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package; ``standard`` runs
+    APGD-CE, APGD-T, FAB-T and Square on the samples that are still correctly classified."""
+    eps: float
+    norm: str = "linf"
+    version: str = "standard"
+
+    def __post_init__(self):
+        _check_threat(self.eps, self.norm)
+
+    @property
+    def name(self) -> str:
+        return f"autoattack_{self.norm}_eps{self.eps:.6g}"
+
+    def record(self, acc: float) -> dict:
+        return {"eps": self.eps, "version": self.version, "norm": self.norm, "robust_acc": acc}
+
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor,
+                seed: Tuple[int, int]) -> torch.Tensor:
+        from pyautoattack import AutoAttack
+        if self.eps == 0 or not alive.any():
+            return alive.clone()
+        idx = alive.nonzero().squeeze(1)
+        aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[self.norm], eps=self.eps, version=self.version,
+                        device=x.device, seed=_seed(*seed, AUTOATTACK_SALT))
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), attacks.attack_mode(model):
+            x_adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+        out = alive.clone()
+        with torch.no_grad():
+            out[idx] = model(x_adv).argmax(1) == y[idx]
+        return out
+
+
+Spec = Union[PGDSpec, AutoAttackSpec]
+
+
+class BlockSampler(Sampler[List[int]]):
+    """Contiguous blocks of ``batch_size`` indices, dealt to ranks round-robin (a ShardSampler
+    over block numbers). A batch holds the same samples whatever the number of ranks, so attacks
+    seeded from its first index give the same per-sample results on 1 rank and on N."""
+
+    def __init__(self, length: int, batch_size: int, rank: int, world_size: int):
+        self.length, self.batch_size = length, batch_size
+        self.blocks = ShardSampler(math.ceil(length / batch_size), rank, world_size)
+
+    def ranges(self) -> List[Tuple[int, int]]:
+        return [(b * self.batch_size, min((b + 1) * self.batch_size, self.length)) for b in self.blocks]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return (list(range(start, stop)) for start, stop in self.ranges())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+@dataclass
+class SampleTable:
+    """Per test sample: its label and whether it is classified correctly clean and under each attack."""
+    labels: torch.Tensor
+    correct: Dict[str, torch.Tensor]
+
+    def acc(self, name: str) -> float:
+        return self.correct[name].double().mean().item() if len(self.labels) else 0.0
+
+    def write_csv(self, path) -> None:
+        """``index,label,clean,<attack>...`` with 1 = correct, 0 = wrong (robust columns imply clean)."""
+        cols = [torch.arange(len(self.labels)), self.labels, *(c.long() for c in self.correct.values())]
+        np.savetxt(path, torch.stack(cols, 1).numpy(), fmt="%d", delimiter=",", comments="",
+                   header=",".join(["index", "label", *self.correct]))
+
+
+def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if dist.world_size() == 1:
+        return t
+    t = t.to(device)
+    tdist.all_reduce(t)
+    return t.cpu()
+
+
+def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch.device, batch_size: int = 256,
+                 seed: int = 0, num_workers: int = 0, progress: bool = False) -> SampleTable:
+    """Clean and robust correctness of every test sample: each rank attacks its blocks of the
+    dataset, and the per-sample table is summed over ranks (each row is filled by one rank)."""
+    names = ["clean", *(spec.name for spec in specs)]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two evaluations share a name: {names}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    sampler = BlockSampler(len(dataset), batch_size, dist.rank(), dist.world_size())
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_batch_collate, num_workers=num_workers)
+    table = torch.zeros(len(dataset), 2 + len(specs), dtype=torch.int64)  # label, clean, one column per spec
+    was_training = model.training
+    model.eval()
+    bar = _bar(len(sampler), progress)
+    for (start, stop), (x, y) in zip(sampler.ranges(), loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        cols = [y, clean, *(spec.correct(model, x, y, clean, (seed, start)) for spec in specs)]
+        table[start:stop] = torch.stack([c.long() for c in cols], 1).cpu()
+        if bar is not None:
+            bar.update(1)
+    model.train(was_training)
+    table = _sum_over_ranks(table, device)
+    return SampleTable(table[:, 0], {n: table[:, i + 1].bool() for i, n in enumerate(names)})
+
+
+def _bar(total: int, show: bool):
+    if not (show and dist.is_main()):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="evaluating (rank 0's batches)", leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+def plot_sweep(records: Sequence[dict], x: str, path, title: str) -> None:
+    """Robust accuracy against ``x`` (``eps`` or ``steps``) as a PNG, e.g. the DAT paper's Figure 3."""
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, and the caller's backend untouched
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.subplots()
+    ax.plot([r[x] for r in records], [100 * r["robust_acc"] for r in records], marker="o")
+    ax.set(xlabel=x, ylabel="robust accuracy (%)", title=title, ylim=(0, 100))
+    if x == "steps":
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)

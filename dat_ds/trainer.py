@@ -318,7 +318,7 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
                "eval_attack": f"{'pgd_l2' if eval_attack.norm == 'l2' else 'pgd'}-{cfg.eval_steps}",
                "eval_samples": row["eval_samples"], "dataset": data.name, "compressor": cfg.compressor,
                "deepspeed_config": cfg.deepspeed_config, "optimizer": ds_cfg.get("optimizer", {}).get("type", "Lamb"),
-               "best_epoch": watch.best_epoch, "stopped_early": stopped_early}
+               "best_epoch": watch.best_epoch, "stopped_early": stopped_early, "output_dir": str(out)}
     logger.finish(summary)
     return summary
 

@@ -1,0 +1,92 @@
+"""Find a training run's checkpoint and rebuild its model for evaluation, without DeepSpeed.
+
+A run's ``--output-dir`` holds ``checkpoints/<tag>/mp_rank_00_model_states.pt`` (written by
+DeepSpeed; the client state records the model settings under ``meta``) and
+``checkpoints/latest`` naming the newest tag. Any of these paths identifies a checkpoint:
+
+    >>> model, meta = load_model(find_checkpoint("runs/fmnist"))          # doctest: +SKIP
+    >>> model, meta = load_model(find_checkpoint("runs/fmnist/checkpoints/best"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .engine import LATEST
+from .models import NormalizedModel, create_model
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+CHECKPOINTS = "checkpoints"
+KINDS = "a run's --output-dir, its checkpoints/ folder, a checkpoint tag folder or a " + MODEL_FILE + " file"
+
+
+def find_checkpoint(path) -> Path:
+    """The model-states file behind a run folder, a ``checkpoints/`` folder, a tag folder or the file itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--checkpoint {path} does not exist")
+    if path.is_file():
+        return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    if (path / LATEST).is_file():
+        tag = (path / LATEST).read_text().strip()
+        if not (path / tag / MODEL_FILE).is_file():
+            raise ValueError(f"{path / LATEST} names checkpoint {tag!r}, but {path / tag / MODEL_FILE} is missing")
+        return path / tag / MODEL_FILE
+    if (path / CHECKPOINTS).is_dir():
+        return find_checkpoint(path / CHECKPOINTS)
+    raise ValueError(f"no checkpoint in {path}: expected {KINDS}")
+
+
+def run_dir(model_file: Path) -> Path:
+    """The training run's output folder (parent of ``checkpoints/``), else the file's folder."""
+    model_file = Path(model_file).resolve()
+    for parent in model_file.parents:
+        if parent.name == CHECKPOINTS:
+            return parent.parent
+    return model_file.parent
+
+
+def read_states(model_file: Path) -> dict:
+    """``torch.load(..., weights_only=True)`` with unreadable files turned into a one-line ValueError."""
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read checkpoint {model_file} (corrupt or truncated?): {first}") from None
+    if not isinstance(state, dict) or "module" not in state or "meta" not in state:
+        raise ValueError(f"{model_file} is not a dat-ds checkpoint (no 'module' weights or 'meta' settings)")
+    return state
+
+
+def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[str] = None
+               ) -> Tuple[NormalizedModel, dict]:
+    """Rebuild the model from the recorded ``meta`` (``backbone``/``stem`` override it) and load
+    the weights strictly; returns ``(model in eval mode, meta)``."""
+    state = read_states(model_file)
+    meta = {**state["meta"], **{k: v for k, v in (("backbone", backbone), ("stem", stem)) if v}}
+    model = create_model(meta["backbone"], meta["num_classes"], meta["in_chans"], meta["img_size"],
+                         meta["mean"], meta["std"], stem=meta.get("stem", "auto"))
+    try:
+        model.load_state_dict(state["module"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {model_file} does not fit backbone {meta['backbone']!r} "
+                         f"(stem {meta.get('stem', 'auto')!r}): {_mismatch(model, state['module'], err)}") from None
+    return model.eval(), meta
+
+
+def _mismatch(model: torch.nn.Module, weights: dict, err: RuntimeError) -> str:
+    """One line saying how a state dict and a model disagree."""
+    ours = model.state_dict()
+    missing, unexpected = set(ours) - set(weights), set(weights) - set(ours)
+    shapes = [k for k in set(ours) & set(weights) if ours[k].shape != weights[k].shape]
+    if not (missing or unexpected or shapes):
+        return str(err).strip().splitlines()[0]
+    first = sorted(missing or unexpected or shapes)[0]
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} mis-shaped "
+            f"tensors (first: {first})")

@@ -1,0 +1,189 @@
+"""Robustness evaluation of a trained checkpoint: clean accuracy, PGD with restarts, eps and steps sweeps, AutoAttack.
+
+    python recipes/evaluate.py --checkpoint runs/fmnist                       # 1 process
+    deepspeed --num_gpus 2 recipes/evaluate.py --checkpoint runs/fmnist       # 2 ranks, same numbers
+
+``--checkpoint`` takes a training run's ``--output-dir`` (its newest checkpoint), its
+``checkpoints/`` folder, a tag folder such as ``checkpoints/best``, or a
+``mp_rank_00_model_states.pt`` file. The model, dataset, normalization and eps come from the
+checkpoint. Outputs go to ``<run>/eval``: ``eval_summary.json``, ``per_sample.csv``,
+``ra_vs_eps.png`` and ``ra_vs_steps.png``.
+"""
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dat_ds import attacks, cli, dist
+from dat_ds.checkpoint_io import find_checkpoint, load_model, run_dir
+from dat_ds.data import load_dataset
+from dat_ds.evaluate import NORMS, AutoAttackSpec, PGDSpec, plot_sweep, sample_table
+from dat_ds.metrics import write_json_atomic
+
+EPS_SWEEP = (0, 0.25, 0.5, 1, 1.5, 2)  # multiples of --eps (the DAT paper's Figure 3)
+STEPS_SWEEP = (1, 2, 5, 10, 20, 50)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder, its checkpoints/ folder, a tag folder or a model-states file")
+    p.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
+    g = p.add_argument_group("model and data (default: what the checkpoint records)")
+    g.add_argument("--backbone", default=None, help="rebuild the model as this timm backbone instead")
+    g.add_argument("--stem", default=None, choices=("auto", "small", "native"),
+                   help="rebuild with this stem instead")
+    g.add_argument("--dataset", default=None, help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+    g.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR, imagefolder)")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="samples per batch; batches are dealt to ranks in turn (256)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank (0)")
+    g = p.add_argument_group("threat model and attacks")
+    g.add_argument("--norm", default=None, choices=NORMS, help="threat model (default: the training attack's norm)")
+    g.add_argument("--eps", type=cli.number, default=None, help="radius, e.g. 8/255 (default: the training eps)")
+    g.add_argument("--pgd-steps", type=int, nargs="+", default=[10, 50], metavar="K", help="PGD-K evaluations (10 50)")
+    g.add_argument("--restarts", type=int, nargs="+", default=[1], metavar="R",
+                   help="random restarts: one value for all --pgd-steps, or one per entry (1)")
+    g.add_argument("--alpha", type=cli.number, default=None, help="PGD step size (default 2.5 eps / K)")
+    g.add_argument("--eps-sweep", type=cli.number, nargs="*", default=None, metavar="EPS",
+                   help=f"PGD-K (first --pgd-steps) at each eps; default --eps x {EPS_SWEEP}; no values: off")
+    g.add_argument("--steps-sweep", type=int, nargs="*", default=list(STEPS_SWEEP), metavar="K",
+                   help=f"PGD at --eps with each number of steps (default {' '.join(map(str, STEPS_SWEEP))}); "
+                        "no values: off")
+    g.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=True,
+                   help="AutoAttack (pyautoattack) at --eps (default: on)")
+    g.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"),
+                   help="AutoAttack's attack set (standard: APGD-CE, APGD-T, FAB-T, Square)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts (per batch, not per rank; 0)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb-project", default="dat-ds", help="W&B project (dat-ds)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def make_specs(args, meta: dict) -> dict:
+    """Every evaluation the flags ask for, as specs; bad values raise ValueError."""
+    limits = [("--batch-size", args.batch_size, 1), ("--eval-limit", args.eval_limit, 1), ("--seed", args.seed, 0)]
+    limits += [("--pgd-steps", k, 1) for k in args.pgd_steps] + [("--restarts", r, 1) for r in args.restarts]
+    for flag, value, low in limits:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if len(args.restarts) not in (1, len(args.pgd_steps)):
+        raise ValueError(f"--restarts takes one value or one per --pgd-steps entry ({len(args.pgd_steps)}), "
+                         f"got {len(args.restarts)}")
+    norm = args.norm or (attacks.ATTACKS.get(meta["attack"]).norm if meta.get("attack") in attacks.ATTACKS
+                         else "linf")
+    eps = args.eps if args.eps is not None else float(meta["eps"])
+    restarts = args.restarts * len(args.pgd_steps) if len(args.restarts) == 1 else args.restarts
+    sweep = args.eps_sweep if args.eps_sweep is not None else [
+        round(m * eps, 12) for m in EPS_SWEEP if norm == "l2" or m * eps <= 1]
+    pgd = functools.partial(PGDSpec, alpha=args.alpha, norm=norm)
+    return {"pgd": [pgd(eps, k, restarts=r) for k, r in zip(args.pgd_steps, restarts)],
+            "eps_sweep": [pgd(e, args.pgd_steps[0]) for e in sweep],
+            "steps_sweep": [pgd(eps, k) for k in args.steps_sweep],
+            "autoattack": [AutoAttackSpec(eps, norm, args.autoattack_version)] if args.autoattack else [],
+            "norm": norm, "eps": eps}
+
+
+def check_data(data, meta: dict) -> None:
+    want = (meta["num_classes"], meta["in_chans"], meta["img_size"])
+    got = (data.num_classes, data.in_chans, data.img_size)
+    if want != got:
+        raise ValueError(f"dataset {data.name} has {got[0]} classes of {got[1]} x {got[2]} px images, but the "
+                         f"checkpoint's model takes {want[0]} classes of {want[1]} x {want[2]} px")
+
+
+def summarize(table, specs: dict, settings: dict) -> dict:
+    """``eval_summary.json``: every figure with its settings."""
+    at_eps = [s.name for s in specs["pgd"] + specs["autoattack"]]
+    worst = torch.stack([table.correct[n] for n in at_eps], 1).all(1) if at_eps else table.correct["clean"]
+    aa = specs["autoattack"]
+    return {"clean_acc": table.acc("clean"), "eval_samples": len(table.labels),
+            "pgd": [s.record(table.acc(s.name)) for s in specs["pgd"]],
+            "eps_sweep": [s.record(table.acc(s.name)) for s in specs["eps_sweep"]],
+            "steps_sweep": [s.record(table.acc(s.name)) for s in specs["steps_sweep"]],
+            "autoattack": aa[0].record(table.acc(aa[0].name)) if aa else None,
+            "worst_case_acc": worst.double().mean().item() if len(worst) else 0.0,
+            "columns": {s.name: s.record(table.acc(s.name)) for s in _unique(specs)}, **settings}
+
+
+def _unique(specs: dict) -> list:
+    return list(dict.fromkeys(specs["pgd"] + specs["eps_sweep"] + specs["steps_sweep"] + specs["autoattack"]))
+
+
+def write_outputs(out: Path, summary: dict, table) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out / "per_sample.csv")
+    for key, x, path in (("eps_sweep", "eps", "ra_vs_eps.png"), ("steps_sweep", "steps", "ra_vs_steps.png")):
+        if summary[key]:
+            plot_sweep(sorted(summary[key], key=lambda r: r[x]), x, out / path,
+                       f"PGD robust accuracy vs {x} ({summary['norm']})")
+    write_json_atomic(out / "eval_summary.json", summary)
+
+
+def log_wandb(out: Path, summary: dict, project: str) -> None:
+    import wandb
+    run = wandb.init(project=project, dir=str(out), name=f"eval-{Path(summary['run_dir']).name}", job_type="eval",
+                     config={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    rows = [[n, r["eps"], r["robust_acc"]] for n, r in summary["columns"].items()]
+    figures = {"evaluations": wandb.Table(columns=["name", "eps", "robust_acc"], data=rows)}
+    figures.update({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("ra_vs_*.png"))})
+    run.log(figures)
+    run.summary.update({"clean_acc": summary["clean_acc"], "worst_case_acc": summary["worst_case_acc"],
+                        **{f"robust_acc/{n}": r["robust_acc"] for n, r in summary["columns"].items()}})
+    run.finish()
+
+
+def print_report(summary: dict, out: Path) -> None:
+    rows = [("checkpoint", summary["checkpoint"]), ("test samples", f"{summary['eval_samples']} on "
+             f"{summary['world_size']} rank(s), {summary['eval_s']:.1f} s"), ("clean", summary["clean_acc"])]
+    rows += [(f"PGD-{r['steps']} x{r['restarts']}  {r['norm']} eps {r['eps']:.4g}", r["robust_acc"])
+             for r in summary["pgd"]]
+    if summary["autoattack"]:
+        aa = summary["autoattack"]
+        rows.append((f"AutoAttack {aa['version']}  {aa['norm']} eps {aa['eps']:.4g}", aa["robust_acc"]))
+    rows.append(("worst case at eps", summary["worst_case_acc"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "-" * (width + 24))
+    for k, v in rows:
+        print(f"{k:<{width}}  {f'{100 * v:.2f} %' if isinstance(v, float) else v}")
+    print("-" * (width + 24) + f"\noutputs in {out}", flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    model_file = find_checkpoint(args.checkpoint)
+    model, meta = load_model(model_file, args.backbone, args.stem)
+    specs = make_specs(args, meta)
+    data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,
+                        img_size=meta["img_size"])
+    check_data(data, meta)
+    if "RANK" in os.environ:  # under a launcher; one process needs no process group
+        dist.init()
+    device = dist.device()
+    t0 = time.perf_counter()
+    table = sample_table(model.to(device), data.test, _unique(specs), device, args.batch_size, args.seed,
+                         args.num_workers, progress=sys.stderr.isatty())
+    out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
+    settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
+                "dataset": data.name, "norm": specs["norm"], "eps": specs["eps"], "seed": args.seed,
+                "batch_size": args.batch_size, "world_size": dist.world_size(), "eval_s": time.perf_counter() - t0}
+    summary = summarize(table, specs, settings)
+    if dist.is_main():
+        write_outputs(out, summary, table)
+        if args.wandb:
+            log_wandb(out, summary, args.wandb_project)
+        print_report(summary, out)
+    dist.barrier()
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main)
