@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from common import machine, save, table  # noqa: E402
 
 from dat_ds import compress  # noqa: E402
+from dat_ds.dist import free_port  # noqa: E402
 
 LINK_BYTES_PER_S = 125e6  # 1 Gbit/s
 
@@ -89,12 +89,6 @@ def rank_main(rank, world, port, shapes, repeats, queue):
     if rank == 0:
         queue.put(everyone)
     tdist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

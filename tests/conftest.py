@@ -65,16 +65,10 @@ def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py
                           capture_output=True, text=True, timeout=timeout)
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None):
     """Launch ``script`` on ``num_ranks`` CPU ranks with the real deepspeed launcher (gloo)."""
     import subprocess
+    from dat_ds.dist import free_port
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
     full_env = clean_env(env)

@@ -10,7 +10,6 @@ each exchange reported, and the compressor's state.
 """
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dat_ds import compress  # noqa: E402
+from dat_ds.dist import free_port  # noqa: E402
 
 # awkward sizes: the flat gradient (3,481 values) splits into neither shards nor buckets
 SHAPES = [(3, 5), (1000,), (7, 11, 13), (1465,)]
@@ -76,12 +76,6 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                         "bytes": sent, "comm_seconds": seconds, "state": compressor.state_dict()}
     torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
     tdist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
