@@ -32,6 +32,26 @@ def init() -> None:
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
     deepspeed.init_distributed(verbose=False)
+    _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    DeepSpeed maps one ~66 MB ``/dev/shm`` segment per local rank and never unlinks it, so every
+    CPU run would leave them behind (and a machine's RAM fills up over many runs). Once every rank
+    has mapped its peers' segments (the barrier), the names are no longer needed; the mappings
+    stay valid until the processes exit, even after a SIGKILL.
+    """
+    if int(os.environ.get("LOCAL_SIZE", 0)) != world_size():
+        return  # not all ranks on this machine: DeepSpeed made no segment
+    tdist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def rank() -> int:

@@ -65,11 +65,12 @@ def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None):
+def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None, port=None):
     """Launch ``script`` on ``num_ranks`` CPU ranks with the real deepspeed launcher (gloo)."""
     import subprocess
     from dat_ds.dist import free_port
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()), str(script),
+           *map(str, args)]
     full_env = clean_env(env)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

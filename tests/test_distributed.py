@@ -1,8 +1,11 @@
 """Real multi-rank runs: the deepspeed launcher, 2 CPU ranks, gloo."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import ROOT, run_deepspeed
+from dat_ds.dist import free_port
 
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
 
@@ -13,8 +16,12 @@ def load(out, rank=0):
 
 def test_two_ranks_end_with_identical_parameters(tmp_path):
     """PGD-DAT with BatchNorm: each rank attacks its own shard, yet the weights stay in lockstep."""
-    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--micro", "16", "--steps", "4"])
+    port = free_port()
+    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--micro", "16", "--steps", "4"], port=port)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shm = Path("/dev/shm")
+    if shm.is_dir():  # DeepSpeed's CPU all-reduce segments are unlinked once mapped, not left in RAM
+        assert not [p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
     a, b = load(tmp_path, 0), load(tmp_path, 1)
     assert a["world"] == 2 and a["steps"] == 4
     assert torch.equal(a["params"], b["params"])
