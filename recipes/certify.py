@@ -18,13 +18,10 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
-from dat_ds import cli, dist, smoothing
-from dat_ds.engine import latest_tag
+from dat_ds import checkpoint_io, cli, dist, smoothing
 from dat_ds.metrics import write_json_atomic
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
 COLUMNS = ("index", "label", "prediction", "radius", "correct", "seconds")
 
 
@@ -51,19 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_checkpoint(path: str):
-    """``(tag dir, run dir or None)`` for a run dir, a ``checkpoints/`` dir or a tag dir."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--checkpoint {p} does not exist")
-    if (p / MODEL_FILE).is_file():
-        run = p.parent.parent
-        return p, run if (run / "config.json").is_file() else None
-    for ckpt_dir in (p / "checkpoints", p):
-        tag = latest_tag(ckpt_dir)
-        if tag is not None:
-            return ckpt_dir / tag, ckpt_dir.parent if (ckpt_dir.parent / "config.json").is_file() else None
-    raise ValueError(f"--checkpoint {p}: no {MODEL_FILE} in it and no checkpoints/latest "
-                     f"(give a training run's --output-dir or a checkpoint tag dir)")
+    """``(model-states file, training run dir or None)`` for anything ``find_checkpoint`` accepts."""
+    model_file = checkpoint_io.find_checkpoint(path)
+    run = checkpoint_io.run_dir(model_file)
+    return model_file, run if (run / "config.json").is_file() else None
 
 
 def run_sigma(run_dir) -> float:
@@ -75,18 +63,6 @@ def run_sigma(run_dir) -> float:
         if (config.get(key) or {}).get("sigma") is not None:
             return float(config[key]["sigma"])
     return None
-
-
-def load_model(tag_dir: Path):
-    from dat_ds.models import create_model
-    state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    meta = state.get("meta")
-    if not meta or "module" not in state:
-        raise ValueError(f"{tag_dir / MODEL_FILE} has no model 'meta' or weights: not a dat-ds training checkpoint")
-    model = create_model(meta["backbone"], meta["num_classes"], meta["in_chans"], meta["img_size"], meta["mean"],
-                         meta["std"], stem=meta.get("stem", "auto"))
-    model.load_state_dict(state["module"])
-    return model.eval(), meta
 
 
 def check_args(args) -> None:
@@ -119,7 +95,7 @@ def certify_set(model, test, indices, args, device, writer=None, progress=None):
     return rows
 
 
-def summarize(rows, args, meta, tag_dir, seconds) -> dict:
+def summarize(rows, args, meta, model_file, seconds) -> dict:
     radii, correct = [r["radius"] for r in rows], [bool(r["correct"]) for r in rows]
     n = max(len(rows), 1)
     return {"certified_accuracy": smoothing.certified_accuracy(radii, correct),
@@ -128,7 +104,7 @@ def summarize(rows, args, meta, tag_dir, seconds) -> dict:
             "max_certifiable_radius": smoothing.radius_from_bound(args.alpha ** (1 / args.n), args.sigma),
             "samples": len(rows), "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
             "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip, "eval_limit": args.eval_limit,
-            "world_size": dist.world_size(), "checkpoint": str(tag_dir), "backbone": meta["backbone"],
+            "world_size": dist.world_size(), "checkpoint": str(model_file.parent), "backbone": meta["backbone"],
             "dataset": meta["dataset"], "seconds": seconds, "seconds_per_sample": seconds / n}
 
 
@@ -162,17 +138,17 @@ def print_table(summary: dict) -> None:
 
 def main():
     args = build_parser().parse_args()
-    tag_dir, run_dir = resolve_checkpoint(args.checkpoint)
+    model_file, run_dir = resolve_checkpoint(args.checkpoint)
     if args.sigma is None:
         args.sigma = run_sigma(run_dir)
         if args.sigma is None:
             raise ValueError(f"--sigma is required: {args.checkpoint} records no training sigma")
     check_args(args)
-    model, meta = load_model(tag_dir)
+    model, meta = checkpoint_io.load_model(model_file)
     from dat_ds.data import load_dataset
     test = load_dataset(meta["dataset"], args.data_dir, img_size=meta["img_size"]).test
     indices = list(range(0, len(test), args.skip))[:args.eval_limit]
-    out = Path(args.output_dir) if args.output_dir else (run_dir or tag_dir) / "certify"
+    out = Path(args.output_dir) if args.output_dir else (run_dir or model_file.parent) / "certify"
 
     dist.init()
     device = dist.device()
@@ -192,7 +168,7 @@ def main():
             writer.close()
             progress.close()
     if dist.is_main():
-        summary = summarize(rows, args, meta, tag_dir, time.perf_counter() - t0)
+        summary = summarize(rows, args, meta, model_file, time.perf_counter() - t0)
         write_json_atomic(out / "certify_summary.json", summary)
         plot(rows, summary, out / "certify.png")
         print_table(summary)

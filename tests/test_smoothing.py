@@ -351,13 +351,13 @@ def test_certify_checks_its_settings_before_any_work(smooth_run, tmp_path, monke
     model = create_model("test_resnet", 10, 1, 28, stem="native")
     meta = {"backbone": "test_resnet", "stem": "native", "dataset": "fashion_mnist", "num_classes": 10,
             "in_chans": 1, "img_size": 28, "mean": [0.5], "std": [0.5]}
-    torch.save({"module": model.state_dict(), "meta": meta}, tag / certify.MODEL_FILE)
+    torch.save({"module": model.state_dict(), "meta": meta}, tag / "mp_rank_00_model_states.pt")
     (tmp_path / "bare").mkdir()
-    torch.save({"module": model.state_dict()}, tmp_path / "bare" / certify.MODEL_FILE)
+    torch.save({"module": model.state_dict()}, tmp_path / "bare" / "mp_rank_00_model_states.pt")
     cases = [
-        ([tmp_path], "no mp_rank_00_model_states.pt in it and no checkpoints/latest"),
+        ([tmp_path], "no checkpoint in"),
         ([tag], "--sigma is required"),
-        ([tmp_path / "bare", "--sigma", "0.25"], "not a dat-ds training checkpoint"),
+        ([tmp_path / "bare", "--sigma", "0.25"], "not a dat-ds checkpoint"),
         ([smooth_run, "--n", "0"], "n must be an integer >= 1"),
         ([smooth_run, "--alpha", "1.5"], r"alpha must lie in \(0, 1\)"),
         ([smooth_run, "--sigma", "-1"], "sigma must be > 0"),
@@ -369,10 +369,12 @@ def test_certify_checks_its_settings_before_any_work(smooth_run, tmp_path, monke
         with pytest.raises(ValueError, match=match):
             certify.main()
         assert not (tmp_path / "out").exists()
-    tag_dir, run_dir = certify.resolve_checkpoint(str(smooth_run / "checkpoints" / "epoch0000"))
-    assert tag_dir == smooth_run / "checkpoints" / "epoch0000" and run_dir == smooth_run
-    assert certify.run_sigma(run_dir) == 0.3 and certify.resolve_checkpoint(str(smooth_run)) == (tag_dir, run_dir)
-    model, loaded = certify.load_model(tag)
+    model_file, run_dir = certify.resolve_checkpoint(str(smooth_run / "checkpoints" / "epoch0000"))
+    assert model_file.parent == smooth_run / "checkpoints" / "epoch0000"
+    assert run_dir.resolve() == smooth_run.resolve() and certify.run_sigma(run_dir) == 0.3
+    assert certify.resolve_checkpoint(str(smooth_run)) == (model_file, run_dir)
+    from dat_ds.checkpoint_io import load_model
+    model, loaded = load_model(tag / "mp_rank_00_model_states.pt")
     assert loaded == meta and not model.training
 
 
