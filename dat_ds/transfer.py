@@ -7,6 +7,7 @@ the pre-training resolution and channel count (:class:`ResizedImages`: bilinear 
 each batch, grey <-> RGB), as in the DAT paper's CIFAR-at-224-px transfer from ImageNet.
 
     >>> import torch
+    >>> from dat_ds.data import TensorImages
     >>> ds = ResizedImages(TensorImages(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4)), 28, 3)
     >>> ds.__getitems__([0, 1])[0].shape
     torch.Size([2, 3, 28, 28])
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .checkpoint_io import read_states
-from .data import DatasetInfo, TensorImages, _batch_collate
+from .data import DatasetInfo, _batch_collate
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
 
