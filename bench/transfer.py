@@ -24,6 +24,14 @@ from semisup import ROOT, launch  # noqa: E402
 from dat_ds.metrics import read_jsonl  # noqa: E402
 
 
+def lead_note(fine: list, scratch: list) -> str:
+    """Which run has the higher RA at each epoch."""
+    ahead = [e for (e, f), (_, b) in zip(fine, scratch) if f > b]
+    behind = [e for (e, f), (_, b) in zip(fine, scratch) if f <= b]
+    return (f"Fine-tuning (same config as scratch) is ahead in RA after epoch(s) {ahead or 'none'} and not ahead "
+            f"after epoch(s) {behind or 'none'}.")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,7 +88,8 @@ def main():
                      "target": a.target, "epochs": a.epochs},
         "rows": rows,
         "curves": curves,
-        "notes": [f"RA after epoch 1: fine-tuned {100 * ft['RA_after_epoch_1']:.1f} % vs scratch "
+        "notes": [lead_note(curves[ft["run"]], curves[sc["run"]]),
+                  f"RA after epoch 1: fine-tuned {100 * ft['RA_after_epoch_1']:.1f} % vs scratch "
                   f"{100 * sc['RA_after_epoch_1']:.1f} %; after {a.epochs}: {100 * ft['RA']:.1f} % vs "
                   f"{100 * sc['RA']:.1f} % (one run each, same seed).",
                   f"With a lower peak LR ({low_lr} instead of {peak_lr}) fine-tuning reaches "
