@@ -230,7 +230,8 @@ def test_qsgd_16_bits_stores_signed_levels_and_rejects_other_widths():
     assert payload.shape == (1, 4 + 16)
     levels = payload[:, 4:].view(torch.int16)[0]
     s = 2 ** 15 - 1
-    assert levels[0].item() in (int(0.6 * s), int(0.6 * s) + 1) and levels[1].item() in (-int(0.8 * s), -int(0.8 * s) - 1)
+    assert levels[0].item() in (int(0.6 * s), int(0.6 * s) + 1)
+    assert levels[1].item() in (-int(0.8 * s), -int(0.8 * s) - 1)
     assert not levels[2:].any()
     assert torch.allclose(qsgd_decode(payload, 16, 8, 8), v, atol=5 / s)
     for bad in (0, 9, 12, 32):
