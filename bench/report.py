@@ -154,6 +154,9 @@ def render_legacy(name: str, data: dict) -> str:
         out += [f"load average before/after: {fmt(data['load_average'].get('before'))} / "
                 f"{fmt(data['load_average'].get('after'))}", ""]
     if name == "step_cost":
+        out += ["dat-ds vs bare: the framework's overhead over a bare PyTorch loop doing the same math "
+                "(target: under 5%). target 0.7(k+1): the DAT paper's cost model of PGD-k relative to natural "
+                "training.", ""]
         r = data["seconds_per_update"]
         values = {m: v["dat-ds"] / r["natural"]["dat-ds"] for m, v in r.items()}
         out += [f"![ratio to natural]({plot_bars(name, 'time per update / natural (dat-ds)', values, data, 0)})", ""]
