@@ -174,7 +174,7 @@ def main():
     for r in results:
         rows.append({"compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
                      "epoch incl. eval s": r["epoch_s"], "compute s": r["compute_s"], "comm s": r["comm_s"],
-                     "comm share": f"{100 * r['comm_share']:.0f}%",
+                     "codec s": r["codec_s"], "comm share": f"{100 * r['comm_share']:.0f}%",
                      "MB/rank/epoch": r["bytes_per_rank"] / 1e6,
                      "veth MB/node": sum(r["veth_tx_bytes_per_node"]) / 2e6,
                      "speedup vs fp32": f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
@@ -182,10 +182,13 @@ def main():
     notes.append(f"link check: a raw {PROBE_MB} MB gloo send across the namespaces ran at "
                  f"{probe_result['send_gbit_s']:.3f} Gbit/s, an all_reduce at {probe_result['all_reduce_gbit_s']:.3f} "
                  f"Gbit/s of buffer (tbf rate {args.rate} on each veth end)")
+    notes.append("compute s includes the compressor's encode/decode (codec s); comm s is the time inside the "
+                 "collectives, which also absorbs waiting for the slower node")
     notes.append("both 'nodes' share this machine's CPU cores (one rank each, OMP_NUM_THREADS=1): compute is "
                  "that of one core per node; only the link between them is a real network path")
     notes.append("figures are from the last epoch; s/step = (compute + comm) / steps; 'veth MB/node' is the "
-                 "interface's own tx counter over the whole job (checkpoints and set-up included)")
+                 "interface's own tx counter over the whole job (every epoch, the initial weight broadcast, "
+                 "TCP/IP headers)")
     save("link", {"title": title, "machine": machine(), "settings": settings, "link": link_info,
                   "probe": probe_result, "rows": rows, "raw": results, "notes": notes,
                   "bars": {"s/step": {r["label"]: r["step_s"] for r in results}}})
