@@ -123,6 +123,32 @@ def ds_config(args) -> dict:
     return cfg
 
 
+def summarize(results: list, probe_result: dict, rate: str):
+    """Table rows and notes from the per-compressor figures (speedups against fp32)."""
+    notes = []
+    base = next((r for r in results if r["compressor"] == "none"), None)
+    rows = []
+    for r in results:
+        rows.append({"compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
+                     "epoch incl. eval s": r["epoch_s"], "compute s": r["compute_s"], "comm s": r["comm_s"],
+                     "codec s": r["codec_s"], "comm share": f"{100 * r['comm_share']:.0f}%",
+                     "MB/rank/epoch": r["bytes_per_rank"] / 1e6,
+                     "veth MB/node": sum(r["veth_tx_bytes_per_node"]) / 2e6,
+                     "speedup vs fp32": f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
+                     "comm speedup": f"{base['comm_s'] / r['comm_s']:.1f}x" if base and r["comm_s"] > 0 else "-"})
+    notes.append(f"link check: a raw {PROBE_MB} MB gloo send across the namespaces ran at "
+                 f"{probe_result['send_gbit_s']:.3f} Gbit/s, an all_reduce at {probe_result['all_reduce_gbit_s']:.3f} "
+                 f"Gbit/s of buffer (tbf rate {rate} on each veth end)")
+    notes.append("compute s includes the compressor's encode/decode (codec s); comm s is the time inside the "
+                 "collectives, which also absorbs waiting for the slower node")
+    notes.append("both 'nodes' share this machine's CPU cores (one rank each, OMP_NUM_THREADS=1): compute is "
+                 "that of one core per node; only the link between them is a real network path")
+    notes.append("figures are from the last epoch; s/step = (compute + comm) / steps; 'veth MB/node' is the "
+                 "interface's own tx counter over the whole job (every epoch, the initial weight broadcast, "
+                 "TCP/IP headers)")
+    return rows, notes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", default="1gbit", help="tc tbf rate of each veth end")
@@ -152,7 +178,7 @@ def main():
                       "notes": [f"not run: {why_not}; run `make bench` as root for this table"]})
         return
 
-    results, notes = [], []
+    results = []
     with netns.Link(rate=args.rate) as link, tempfile.TemporaryDirectory(prefix="link_bench_") as tmp:
         workdir = Path(tmp)
         (workdir / "ds_config.json").write_text(json.dumps(ds_config(args)))
@@ -169,26 +195,7 @@ def main():
     names = netns.ours()
     assert not any(n in names for n in link.ns), "namespaces left behind"
 
-    base = next((r for r in results if r["compressor"] == "none"), None)
-    rows = []
-    for r in results:
-        rows.append({"compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
-                     "epoch incl. eval s": r["epoch_s"], "compute s": r["compute_s"], "comm s": r["comm_s"],
-                     "codec s": r["codec_s"], "comm share": f"{100 * r['comm_share']:.0f}%",
-                     "MB/rank/epoch": r["bytes_per_rank"] / 1e6,
-                     "veth MB/node": sum(r["veth_tx_bytes_per_node"]) / 2e6,
-                     "speedup vs fp32": f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
-                     "comm speedup": f"{base['comm_s'] / r['comm_s']:.1f}x" if base and r["comm_s"] > 0 else "-"})
-    notes.append(f"link check: a raw {PROBE_MB} MB gloo send across the namespaces ran at "
-                 f"{probe_result['send_gbit_s']:.3f} Gbit/s, an all_reduce at {probe_result['all_reduce_gbit_s']:.3f} "
-                 f"Gbit/s of buffer (tbf rate {args.rate} on each veth end)")
-    notes.append("compute s includes the compressor's encode/decode (codec s); comm s is the time inside the "
-                 "collectives, which also absorbs waiting for the slower node")
-    notes.append("both 'nodes' share this machine's CPU cores (one rank each, OMP_NUM_THREADS=1): compute is "
-                 "that of one core per node; only the link between them is a real network path")
-    notes.append("figures are from the last epoch; s/step = (compute + comm) / steps; 'veth MB/node' is the "
-                 "interface's own tx counter over the whole job (every epoch, the initial weight broadcast, "
-                 "TCP/IP headers)")
+    rows, notes = summarize(results, probe_result, args.rate)
     save("link", {"title": title, "machine": machine(), "settings": settings, "link": link_info,
                   "probe": probe_result, "rows": rows, "raw": results, "notes": notes,
                   "bars": {"s/step": {r["label"]: r["step_s"] for r in results}}})
