@@ -81,8 +81,15 @@ def plot_curves(name: str, data: dict) -> str:
     ax.set_ylabel(data.get("curves_ylabel", "value") + " %")
     ax.set_title(data.get("title", name), fontsize=9)
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, caption(data), fontsize=6)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.text(0.01, 0.01, caption(data) + "; " + short_settings(data), fontsize=6)
     return _save(fig, f"{name}_curves.png")
+
+
+def short_settings(data: dict, n: int = 8) -> str:
+    keep = [(k, v) for k, v in data.get("settings", {}).items() if not isinstance(v, (list, dict)) or len(v) < 4]
+    return ", ".join(f"{k}={fmt(v)}" for k, v in keep[:n])
 
 
 def plot_bars(name: str, title: str, values: dict, data: dict, idx: int) -> str:
@@ -92,8 +99,7 @@ def plot_bars(name: str, title: str, values: dict, data: dict, idx: int) -> str:
     ax.invert_yaxis()
     ax.set_xlabel(title)
     ax.set_title(data.get("title", name), fontsize=9)
-    fig.text(0.01, 0.01, caption(data) + "; " + ", ".join(f"{k}={fmt(v)}" for k, v in list(
-        data.get("settings", {}).items())[:6]), fontsize=6)
+    fig.text(0.01, 0.01, caption(data) + "; " + short_settings(data, 6), fontsize=6)
     return _save(fig, f"{name}_bars{idx}.png")
 
 
