@@ -188,8 +188,8 @@ def load_section(all_data: dict) -> str:
 def gpu_section(all_data: dict) -> str:
     gpus = {d.get("machine", {}).get("gpu", "none") for d in all_data.values()} - {"none", None}
     if gpus:
-        return f"GPU results are included above (device: {', '.join(sorted(gpus))})."
-    return ("**No GPU was available for these measurements.** Every figure above comes from CPU ranks (gloo); "
+        return f"GPU results are included below (device: {', '.join(sorted(gpus))})."
+    return ("**No GPU was available for these measurements.** Every figure below comes from CPU ranks (gloo); "
             "the step-cost table on a GPU and the 2-GPU-rank nccl path were not run. On a GPU machine, "
             "`make bench` records the GPU in every results file.")
 
