@@ -44,9 +44,14 @@ test: setup data
 test-slow: setup data
 	$(PYTEST) -m slow
 
+# ~30 min on 2 CPU cores; the link benchmark needs root (without it, its table says so)
 bench: setup data
-	$(PY) bench/step_cost.py
+	$(PY) bench/step_cost.py --repeats 3
+	$(PY) bench/engine_overhead.py
 	$(PY) bench/compress_bench.py
+	$(PY) bench/link_bench.py
+	$(PY) bench/accuracy.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf runs build *.egg-info

@@ -25,8 +25,17 @@ def machine() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import deepspeed
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    info["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     return info
 
 

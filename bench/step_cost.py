@@ -74,7 +74,8 @@ def main():
     torch.manual_seed(0)
     model = create_model(args.backbone, 10, args.in_chans, args.img_size)
     bare_model = copy.deepcopy(model)
-    cfg = {"train_micro_batch_size_per_gpu": args.batch, "zero_optimization": {"stage": 0},
+    # gradient_clipping 0 as in every shipped config (DeepSpeed's default, 1.0, would clip: other math, +1 norm pass)
+    cfg = {"train_micro_batch_size_per_gpu": args.batch, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
            "optimizer": {"type": "Lamb", "params": {"lr": 1e-3, "weight_decay": 5e-4}}}
     engine = initialize(model, cfg, steps_per_epoch=1000, epochs=1)
     bare_opt = Lamb(param_groups(bare_model, 5e-4), lr=1e-3)

@@ -84,7 +84,7 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--compressor", default="none", choices=compress.names(),
                    help="none: fp32 all-reduce; qsgd: b-bit QSGD; sign_vote: signSGD/Signum majority vote; "
                         "ef_sign: scaled sign with error feedback")
-    g.add_argument("--bits", type=int, default=8, help="qsgd: bits per coordinate (1..8)")
+    g.add_argument("--bits", type=int, default=8, help="qsgd: bits per coordinate (1..8, or 16)")
     g.add_argument("--bucket-size", type=int, default=None, help="qsgd/ef_sign: values per norm/scale bucket")
     g.add_argument("--topology", default="one-sided", choices=compress.TOPOLOGIES,
                    help="one-sided: all-gather of compressed gradients; two-sided: parameter server "

@@ -11,8 +11,9 @@ measured against.
 Compressors (``names()``; formulas in METHODS.md section 3):
 
 * ``none``: fp32 ring all-reduce of one flat buffer, the reference.
-* ``qsgd``: QSGD with ``bits`` (1..8) per coordinate and one fp32 norm per bucket of
-  ``bucket_size`` values. Unbiased stochastic rounding; codes are bit-packed.
+* ``qsgd``: QSGD with ``bits`` (1..8, or 16) per coordinate and one fp32 norm per bucket of
+  ``bucket_size`` values. Unbiased stochastic rounding; codes are bit-packed (16 bits: one
+  little-endian int16 signed level per value).
 * ``sign_vote``: signSGD / Signum with majority vote, 1 bit per coordinate. The result is the
   vote itself, +1 / -1 per coordinate (0 where the vote is tied, possible only with an even
   number of ranks): the optimizer's learning rate sets the step size.
@@ -265,7 +266,9 @@ def unpack_to_float(packed: torch.Tensor, bits: int, offset: float, step: float,
 # picks the same two neighbours with the same probabilities), stored offset by s in b bits.
 # For b = 1, a = c = 1/2: the 1-bit stochastic sign, +-||v|| with P(+) = (1 + v_i/||v||) / 2.
 # The rounding draws 16 random bits per coordinate (u in steps of 2^-16, 4 values per 64-bit
-# draw): its bias is under 2^-16 of one level, the size of float32's own rounding of t.
+# draw): its bias is under 2^-16 of one level, the size of float32's own rounding of t. At
+# 16 bits t reaches 2^16 and float32 resolves t + u to 2^-7 of a level: a bias below 2^-22 of
+# the bucket norm, under the float32 rounding of the decoded values themselves.
 
 def _qsgd_levels(bits: int) -> Tuple[float, float, int]:
     """(a, c, largest code) of the affine map t = a v / ||v|| + c."""
@@ -305,6 +308,11 @@ def qsgd_encode(x: torch.Tensor, bits: int, bucket_size: int, generator: Optiona
     y.copy_(_random16(y.numel(), generator, x.device, ws).view_as(y))     # r in [-32768, 32768)
     torch.addcmul(y, v, (a * 65536.0) / norms.clamp_min(torch.finfo(torch.float32).tiny), out=y)
     y.add_(c * 65536.0 + 32768.0).mul_(1.0 / 65536.0)                   # t + (r + 32768) / 65536
+    if bits == 16:                    # int16 signed level code - c, little endian
+        codes = _empty(ws, "qsgd.codes16", v.shape, torch.int32, x.device)
+        codes.copy_(y).clamp_max_(top).sub_(int(c))
+        out[:, header:].view(torch.int16).view(rows, nb, bucket_size).copy_(codes)
+        return out
     direct = bits == 8
     codes = out[:, header:].view(rows, nb, bucket_size) if direct else \
         _empty(ws, "qsgd.codes", v.shape, torch.uint8, x.device)
@@ -328,6 +336,8 @@ def qsgd_decode(data: torch.Tensor, bits: int, bucket_size: int, size: int, out:
     level = _empty(ws, "qsgd.level", (rows, size), torch.float32, data.device) if accumulate else out
     if bits <= 2:                                              # the signed level code - c, exact
         unpack_to_float(data[:, header:], bits, -c, 1.0, level, ws)
+    elif bits == 16:                                           # stored as the signed level
+        level.copy_(data[:, header:].view(torch.int16))
     else:
         codes = data[:, header:] if bits == 8 else \
             unpack_bits(data[:, header:], bits, size, ws=ws,
@@ -643,7 +653,7 @@ def _round_up(n: int, unit: int) -> int:
 
 @COMPRESSORS.register("qsgd")
 class QSGD(_Compressed):
-    """QSGD (Alistarh 2017): ``bits`` per value (1..8), one fp32 norm per ``bucket_size`` values.
+    """QSGD (Alistarh 2017): ``bits`` per value (1..8 or 16), one fp32 norm per ``bucket_size`` values.
 
     Two-sided, the server re-quantizes the averaged shard with the same settings. Randomness
     comes from ``generator`` (its device must be the gradients'), else the global RNG.
@@ -656,7 +666,12 @@ class QSGD(_Compressed):
                  byzantine_ranks: Sequence[int] = (), byzantine_mode: str = "scale",
                  generator: Optional[torch.Generator] = None):
         super().__init__(topology, byzantine_ranks, byzantine_mode, generator)
-        self.bits = self._bits = _check_int("bits", bits, 1, 8)
+        if not (type(bits) is int and bits == 16):
+            try:
+                _check_int("bits", bits, 1, 8)
+            except ValueError:
+                raise ValueError(f"bits={bits!r} is not allowed; bits must be an integer from 1 to 8, or 16") from None
+        self.bits = self._bits = bits
         self.bucket_size = self.unit = _check_int("bucket_size", bucket_size, 8, multiple=8)
 
     def _header(self, size: int) -> int:

@@ -195,7 +195,7 @@ def exact_qsgd_variance(v, bits):
     return (norm / s) ** 2 * p * (1 - p)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
 def test_qsgd_is_unbiased_with_variance_within_the_bound(bits):
     bucket, draws = 64, 20000
     gen = torch.Generator().manual_seed(bits)
@@ -224,12 +224,27 @@ def test_qsgd_is_unbiased_with_variance_within_the_bound(bits):
         assert (levels - levels.round()).abs().max() < 1e-3
 
 
+def test_qsgd_16_bits_stores_signed_levels_and_rejects_other_widths():
+    v = torch.tensor([[3.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])        # norm 5: levels 0.6 s and -0.8 s
+    payload = qsgd_encode(v, 16, 8, torch.Generator().manual_seed(0))
+    assert payload.shape == (1, 4 + 16)
+    levels = payload[:, 4:].view(torch.int16)[0]
+    s = 2 ** 15 - 1
+    assert levels[0].item() in (int(0.6 * s), int(0.6 * s) + 1)
+    assert levels[1].item() in (-int(0.8 * s), -int(0.8 * s) - 1)
+    assert not levels[2:].any()
+    assert torch.allclose(qsgd_decode(payload, 16, 8, 8), v, atol=5 / s)
+    for bad in (0, 9, 12, 32):
+        with pytest.raises(ValueError, match="from 1 to 8, or 16"):
+            create("qsgd", bits=bad)
+
+
 def test_payload_sizes():
     n, bucket = 10_007, 512            # neither a multiple of a bucket nor of a byte
     x = torch.randn(n)
     fp32 = 4 * n
     buckets = math.ceil(n / bucket)
-    for bits in range(1, 9):
+    for bits in (*range(1, 9), 16):
         c = create("qsgd", bits=bits, bucket_size=bucket)
         payload = c.encode(x)
         assert payload.data.dtype == torch.uint8

@@ -30,7 +30,7 @@ def configs(world: int):
     """(key, compressor name, settings, Byzantine?) for one world size."""
     out = [("none", "none", {}, False)]
     for topology in compress.TOPOLOGIES:
-        for bits in (1, 3, 4, 8):
+        for bits in (1, 3, 4, 8, 16):
             out.append((f"qsgd bits={bits} {topology}", "qsgd", {"bits": bits, "bucket_size": 64, "topology": topology},
                         False))
         out.append((f"sign_vote {topology}", "sign_vote", {"topology": topology}, False))

@@ -1,0 +1,206 @@
+"""Two "nodes" on a 1 Gbit/s link: DAT step time per gradient compressor, against fp32 all-reduce.
+
+The benchmark builds two network namespaces joined by a veth pair whose both ends are shaped
+to ``--rate`` with ``tc ... tbf`` (the DAT paper's 1 Gbps Ethernet), checks the link with a
+raw gloo transfer, then runs the real recipe (``recipes/fashion_mnist_dat.py``) once per
+compressor as a two-node DeepSpeed job: one ``deepspeed --no_ssh --node_rank K`` launcher in
+each namespace, one rank each. Per compressor: time per step and per epoch, bytes sent per
+rank (the compressor's count and the veth's own counter), the computation/communication split
+from the run's ``metrics.jsonl``, and the speedup over fp32. Namespaces are removed on exit,
+on SIGINT/SIGTERM and at the next start after a crash. Needs root; without it the script
+writes a results file that says so and exits 0.
+
+    sudo python bench/link_bench.py                       # timm resnet18, 2 nodes x 1 rank, 1 Gbit/s
+    sudo python bench/link_bench.py --steps 4 --compressors none qsgd8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import netns  # noqa: E402
+from common import machine, save  # noqa: E402
+
+# name -> recipe flags
+COMPRESSORS = {
+    "none": ["--compressor", "none"],
+    "qsgd8": ["--compressor", "qsgd", "--bits", "8"],
+    "qsgd4": ["--compressor", "qsgd", "--bits", "4"],
+    "qsgd2": ["--compressor", "qsgd", "--bits", "2"],
+    "sign_vote": ["--compressor", "sign_vote"],
+    "ef_sign": ["--compressor", "ef_sign"],
+}
+LABELS = {"none": "fp32 all-reduce", "qsgd8": "QSGD 8-bit", "qsgd4": "QSGD 4-bit", "qsgd2": "QSGD 2-bit",
+          "sign_vote": "sign_vote (1-bit)", "ef_sign": "ef_sign (1-bit + EF)"}
+PROBE_MB = 100
+
+
+def probe(rank: int, addr: str, port: int) -> None:
+    """Inside a namespace: time a raw 100 MB gloo send and all_reduce across the link."""
+    import torch
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2)
+    x = torch.ones(PROBE_MB * 250_000)  # fp32
+    tdist.barrier()
+    results = {}
+    for name, fn in (("send", lambda: tdist.send(x, 1) if rank == 0 else tdist.recv(x, 0)),
+                     ("all_reduce", lambda: tdist.all_reduce(x))):
+        fn()  # warm-up: connection set-up, tbf bucket
+        tdist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        tdist.barrier()
+        results[name] = time.perf_counter() - t0
+    if rank == 0:
+        # send: the whole buffer crosses once; ring all_reduce on 2 ranks: each sends half twice
+        gbit = 8 * x.numel() * 4 / 1e9
+        print("PROBE " + json.dumps({"mb": PROBE_MB, "send_s": results["send"], "send_gbit_s": gbit / results["send"],
+                                     "all_reduce_s": results["all_reduce"],
+                                     "all_reduce_gbit_s": gbit / results["all_reduce"]}), flush=True)
+    tdist.destroy_process_group()
+
+
+def run_probe(link: netns.Link, port: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-rank", "{k}", "--probe-addr", link.addrs[0],
+           "--probe-port", str(port)]
+    with tempfile.TemporaryFile("w+") as out:
+        procs = [link.popen(k, [c.format(k=k) for c in cmd], stdout=out if k == 0 else None) for k in (0, 1)]
+        codes = netns.wait_all(procs, timeout)
+        out.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("PROBE ")]
+    if codes != [0, 0] or not lines:
+        raise RuntimeError(f"link probe failed (exit codes {codes})")
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+def run_recipe(link: netns.Link, name: str, args, port: int, workdir: Path) -> dict:
+    """One two-node DeepSpeed job; returns its last epoch's figures."""
+    hostfile = workdir / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out_dir = workdir / name
+    steps_per_epoch = args.steps
+    cmd_tail = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(workdir / "ds_config.json"),
+                "--backbone", args.backbone, "--attack", args.attack, "--eps", "0.1", *args.attack_flags,
+                "--train-limit", str(2 * args.micro_batch * steps_per_epoch), "--eval-limit", "64",
+                "--eval-steps", "1", "--holdout", "0", "--epochs", str(args.epochs), "--output-dir", str(out_dir),
+                *COMPRESSORS[name]]
+    procs = []
+    tx0 = [link.tx_bytes(k) for k in (0, 1)]
+    t0 = time.perf_counter()
+    for k in (1, 0):
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_ssh", "--node_rank", str(k),
+               "--num_nodes", "2", "--num_gpus", "1", "--hostfile", str(hostfile), "--master_addr", link.addrs[0],
+               "--master_port", str(port), *cmd_tail]
+        log = open(workdir / f"{name}.node{k}.log", "w")
+        procs.append(link.popen(k, cmd, stdout=log, stderr=log, cwd=str(ROOT)))
+    codes = netns.wait_all(procs, args.timeout)
+    wall = time.perf_counter() - t0
+    if codes != [0, 0]:
+        tail = (workdir / f"{name}.node0.log").read_text()[-3000:]
+        raise RuntimeError(f"{name}: two-node run failed (exit codes {codes}); node 0 log ends:\n{tail}")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    steps = last["global_step"] - (rows[-2]["global_step"] if len(rows) > 1 else 0)
+    train_s = last["compute_s"] + last["comm_s"]
+    return {"compressor": name, "label": LABELS[name], "steps_per_epoch": steps,
+            "step_s": train_s / steps, "train_s_per_epoch": train_s, "epoch_s": last["epoch_s"],
+            "compute_s": last["compute_s"], "comm_s": last["comm_s"], "codec_s": last["codec_s"],
+            "comm_share": last["comm_s"] / train_s, "bytes_per_rank": last["bytes_sent_per_rank"],
+            "veth_tx_bytes_per_node": [(link.tx_bytes(k) - tx0[k]) for k in (0, 1)], "job_wall_s": wall}
+
+
+def ds_config(args) -> dict:
+    cfg = json.loads((ROOT / "ds_configs" / "lamb_fp32.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
+    cfg["gradient_accumulation_steps"] = 1
+    return cfg
+
+
+def summarize(results: list, probe_result: dict, rate: str):
+    """Table rows and notes from the per-compressor figures (speedups against fp32)."""
+    notes = []
+    base = next((r for r in results if r["compressor"] == "none"), None)
+    rows = []
+    for r in results:
+        rows.append({"compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
+                     "epoch incl. eval s": r["epoch_s"], "compute s": r["compute_s"], "comm s": r["comm_s"],
+                     "codec s": r["codec_s"], "comm share": f"{100 * r['comm_share']:.0f}%",
+                     "MB/rank/epoch": r["bytes_per_rank"] / 1e6,
+                     "veth MB/node": sum(r["veth_tx_bytes_per_node"]) / 2e6,
+                     "speedup vs fp32": f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
+                     "comm speedup": f"{base['comm_s'] / r['comm_s']:.1f}x" if base and r["comm_s"] > 0 else "-"})
+    notes.append(f"link check: a raw {PROBE_MB} MB gloo send across the namespaces ran at "
+                 f"{probe_result['send_gbit_s']:.3f} Gbit/s, an all_reduce at {probe_result['all_reduce_gbit_s']:.3f} "
+                 f"Gbit/s of buffer (tbf rate {rate} on each veth end)")
+    notes.append("compute s includes the compressor's encode/decode (codec s); comm s is the time inside the "
+                 "collectives, which also absorbs waiting for the slower node")
+    notes.append("both 'nodes' share this machine's CPU cores (one rank each, OMP_NUM_THREADS=1): compute is "
+                 "that of one core per node; only the link between them is a real network path")
+    notes.append("figures are from the last epoch; s/step = (compute + comm) / steps; 'veth MB/node' is the "
+                 "interface's own tx counter over the whole job (every epoch, the initial weight broadcast, "
+                 "TCP/IP headers)")
+    return rows, notes
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", default="1gbit", help="tc tbf rate of each veth end")
+    p.add_argument("--backbone", default="resnet18", help="timm name (resnet18: 11.2 M parameters at 10 classes)")
+    p.add_argument("--attack", default="fgsm_rs", help="training attack of the recipe (fgsm_rs: DAT-FGSM)")
+    p.add_argument("--micro-batch", type=int, default=16, help="per rank")
+    p.add_argument("--steps", type=int, default=4, help="updates per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="figures are from the last epoch (the first warms up)")
+    p.add_argument("--compressors", nargs="+", default=list(COMPRESSORS), choices=list(COMPRESSORS))
+    p.add_argument("--timeout", type=float, default=900, help="seconds per two-node job")
+    p.add_argument("--probe-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--probe-addr", help=argparse.SUPPRESS)
+    p.add_argument("--probe-port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe_rank is not None:
+        return probe(args.probe_rank, args.probe_addr, args.probe_port)
+    args.attack_flags = []
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("probe") and k != "attack_flags"}
+    settings.update(nodes=2, ranks_per_node=1, dataset="fashion_mnist", stem="auto (small: 3x3 stride 1)",
+                    ds_config="ds_configs/lamb_fp32.json with the micro batch above",
+                    launcher="deepspeed --no_ssh --node_rank K --num_nodes 2 --num_gpus 1 (one per namespace)")
+    title = f"Two nodes on a {args.rate} link: DAT step time per compressor"
+    why_not = netns.available()
+    if why_not:
+        print(f"link benchmark skipped: {why_not}")
+        save("link", {"title": title, "machine": machine(), "settings": settings, "rows": [],
+                      "notes": [f"not run: {why_not}; run `make bench` as root for this table"]})
+        return
+
+    results = []
+    with netns.Link(rate=args.rate) as link, tempfile.TemporaryDirectory(prefix="link_bench_") as tmp:
+        workdir = Path(tmp)
+        (workdir / "ds_config.json").write_text(json.dumps(ds_config(args)))
+        link_info = {"namespaces": link.ns, "addresses": link.addrs, "qdisc": link.qdisc(0)}
+        print(f"namespaces {link.ns}, {link.addrs}, qdisc: {link_info['qdisc']}", flush=True)
+        probe_result = run_probe(link, 29400, 300)
+        print(f"raw gloo over the link: send {probe_result['send_gbit_s']:.3f} Gbit/s, "
+              f"all_reduce {probe_result['all_reduce_gbit_s']:.3f} Gbit/s (100 MB)", flush=True)
+        for i, name in enumerate(args.compressors):
+            r = run_recipe(link, name, args, 29500 + i, workdir)
+            results.append(r)
+            print(f"{LABELS[name]:>22}: {r['step_s']:.3f} s/step (compute {r['compute_s']:.2f} s, "
+                  f"comm {r['comm_s']:.2f} s per epoch), {r['bytes_per_rank'] / 1e6:.1f} MB/rank/epoch", flush=True)
+    names = netns.ours()
+    assert not any(n in names for n in link.ns), "namespaces left behind"
+
+    rows, notes = summarize(results, probe_result, args.rate)
+    save("link", {"title": title, "machine": machine(), "settings": settings, "link": link_info,
+                  "probe": probe_result, "rows": rows, "raw": results, "notes": notes,
+                  "bars": {"s/step": {r["label"]: r["step_s"] for r in results}}})
+    print("written: bench/results/link.json")
+
+
+if __name__ == "__main__":
+    main()

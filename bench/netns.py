@@ -1,0 +1,199 @@
+"""Two network namespaces joined by a rate-limited veth pair: a two-machine link on one machine.
+
+    with Link(rate="1gbit") as link:          # root only; torn down on exit, SIGINT, SIGTERM
+        link.popen(0, ["python", "x.py"])     # runs inside namespace 0, its own process group
+        print(link.addrs)                     # ["10.a.b.1", "10.a.b.2"]
+
+Every name carries this process's pid (``datb<pid>a``, ``datb<pid>b``, for the namespaces and
+the veth ends alike), and the private subnet is derived from it, so parallel runs do not
+collide. ``cleanup_stale()`` removes namespaces of this prefix whose pid is no longer alive
+(left by a run killed with SIGKILL). Both veth ends shape their egress with a token bucket
+(``tc qdisc ... tbf rate 1gbit``), so the link is rate-limited in both directions.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from typing import List, Optional
+
+PREFIX = "datb"
+_NAME = re.compile(rf"^{PREFIX}(\d+)([ab])$")
+
+
+def available() -> Optional[str]:
+    """None when namespaces can be made here, else the reason why not."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns / tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    return None
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def namespaces() -> List[str]:
+    out = _ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def ours(names: Optional[List[str]] = None) -> List[str]:
+    """Namespaces of this prefix (any run's)."""
+    return [n for n in (namespaces() if names is None else names) if _NAME.match(n)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale() -> List[str]:
+    """Delete this prefix's namespaces whose creating process is gone; returns their names."""
+    removed = []
+    for name in ours():
+        pid = int(_NAME.match(name).group(1))
+        if pid != os.getpid() and not _alive(pid):
+            _kill_inside(name)
+            _ip("netns", "del", name, check=False)
+            removed.append(name)
+    return removed
+
+
+def _kill_inside(ns: str) -> None:
+    """SIGKILL what still runs inside ``ns`` (only processes this benchmark started live there)."""
+    out = _ip("netns", "pids", ns, check=False).stdout
+    for pid in (int(p) for p in out.split() if p.isdigit()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Link:
+    """Namespaces ``datb<pid>a`` / ``datb<pid>b``, addresses ``10.X.Y.1`` / ``10.X.Y.2``."""
+
+    def __init__(self, rate: Optional[str] = "1gbit", burst: str = "256kb", latency: str = "20ms"):
+        pid = os.getpid()
+        self.ns = [f"{PREFIX}{pid}a", f"{PREFIX}{pid}b"]
+        self.dev = list(self.ns)  # veth end k lives in namespace k under the same name (<= 15 chars)
+        subnet = f"10.{200 + (pid >> 8) % 50}.{pid % 256}"
+        self.addrs = [f"{subnet}.1", f"{subnet}.2"]
+        self.rate, self.burst, self.latency = rate, burst, latency
+        self.procs: List[subprocess.Popen] = []
+        self._up = False
+        self._old_handlers = {}
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "Link":
+        cleanup_stale()
+        atexit.register(self.down)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        self.down()
+        raise KeyboardInterrupt(f"signal {signum}") if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def up(self) -> None:
+        self._up = True
+        a, b = self.ns
+        for ns in self.ns:
+            _ip("netns", "add", ns)
+        _ip("link", "add", "tmp" + a, "type", "veth", "peer", "name", "tmp" + b)
+        for k, ns in enumerate(self.ns):
+            _ip("link", "set", "tmp" + ns, "netns", ns)
+            _ip("-n", ns, "link", "set", "tmp" + ns, "name", self.dev[k])
+            _ip("-n", ns, "addr", "add", f"{self.addrs[k]}/24", "dev", self.dev[k])
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", self.dev[k], "up")
+            if self.rate:
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", self.dev[k], "root", "tbf",
+                                "rate", self.rate, "burst", self.burst, "latency", self.latency],
+                               check=True, capture_output=True, text=True)
+
+    def down(self) -> None:
+        """Stop every process started in the namespaces, then delete them (idempotent)."""
+        for proc in self.procs:
+            _stop(proc)
+        self.procs = []
+        if not self._up:
+            return
+        for ns in self.ns:
+            _kill_inside(ns)
+            _ip("netns", "del", ns, check=False)
+        _ip("link", "del", "tmp" + self.ns[0], check=False)  # a pair that never reached its namespace
+        self._up = False
+
+    # --- use ----------------------------------------------------------------------------------
+    def popen(self, k: int, cmd: List[str], env: Optional[dict] = None, **kw) -> subprocess.Popen:
+        """Start ``cmd`` inside namespace ``k`` in a new session (its own process group)."""
+        env = dict(os.environ if env is None else env)
+        env["GLOO_SOCKET_IFNAME"] = self.dev[k]  # gloo would otherwise pick the host name's address
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[k], *cmd], env=env, start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def tx_bytes(self, k: int) -> int:
+        """Bytes sent so far from namespace ``k`` over the veth."""
+        out = _ip("-n", self.ns[k], "-s", "-j", "link", "show", "dev", self.dev[k]).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def qdisc(self, k: int) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.ns[k], "tc", "qdisc", "show", "dev", self.dev[k]],
+                              capture_output=True, text=True).stdout.strip()
+
+
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with its own session), SIGKILL after ``grace``."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_all(procs: List[subprocess.Popen], timeout: float) -> List[int]:
+    """Wait for every process; on timeout or when one fails, stop the others. Returns exit codes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if any(c not in (None, 0) for c in codes):
+            time.sleep(2.0)  # give the peer a moment to report its own error
+            break
+        time.sleep(0.2)
+    for p in procs:
+        _stop(p)
+    return [p.returncode if p.returncode is not None else -9 for p in procs]
