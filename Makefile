@@ -51,6 +51,8 @@ bench: setup data
 	$(PY) bench/compress_bench.py
 	$(PY) bench/link_bench.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/semisup.py
+	$(PY) bench/transfer.py
 	$(PY) bench/report.py
 
 clean:
