@@ -31,7 +31,7 @@ from .engine import (ConfigError, autocast, exchange_gradients, initialize, load
 from .evaluate import evaluate
 from .guard import NonFiniteError, StepGuard, StopRequested, StopSignal, skip_step  # noqa: F401
 from .metrics import RunLogger, Timers
-from .models import create_model
+from .models import check_backbone, create_model
 
 
 @dataclass
@@ -92,6 +92,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 < self.co_drop <= 1:
             raise ValueError(f"--co-drop must lie in (0, 1], got {self.co_drop}")
+        check_backbone(self.backbone)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if Path(self.output_dir).is_file():
@@ -428,7 +429,7 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None) -> dict:
             save_checkpoint(engine, ckpt_dir, f"epoch{epoch:04d}",
                             {"epoch": epoch, "position": [epoch + 1, 0], "totals": run.totals, "meta": meta,
                              "metrics": run.row, "watch": vars(run.watch), "nonfinite_consecutive": guard.consecutive},
-                            _rank_state(attack, compressor), best=hold.get("holdout_best", False),
+                            _rank_state(engine, attack, compressor), best=hold.get("holdout_best", False),
                             position=(epoch + 1, 0))
             last_save[0] = engine.global_steps
             if guard.stop_agreed() and epoch + 1 < passes:
@@ -482,7 +483,7 @@ def _save_mid_epoch(engine, ckpt_dir, meta, attack, compressor, timers, run: _Ru
                     epoch_totals: _Totals, guard: StepGuard) -> None:
     """A checkpoint at a step boundary inside an epoch: everything an epoch-end one has, plus this
     rank's partial totals, its data position and ConAdv's look-ahead batch with its attack."""
-    rank_state = _rank_state(attack, compressor)
+    rank_state = _rank_state(engine, attack, compressor)
     rank_state["partial"] = {"totals": epoch_totals.state_dict(), "drawn": state.drawn,
                              "timers": dict(timers.seconds), "skipped_at_start": run.skipped_at_start}
     pending = state.carry.get("pending")
@@ -526,10 +527,11 @@ def _report(row: dict) -> None:
               flush=True)
 
 
-def _rank_state(attack, compressor) -> dict:
-    """Per-rank state beyond the weights: the attack's (Free-m perturbation, ConAdv weight history)
+def _rank_state(engine, attack, compressor) -> dict:
+    """Per-rank state beyond the weights: this rank's buffers (BatchNorm running statistics are
+    per rank, and the attacks use them), the attack's (Free-m perturbation, ConAdv weight history)
     and the compressor's (error feedback, momentum)."""
-    state = {}
+    state = {"buffers": {name: b.detach().clone() for name, b in engine.module.named_buffers()}}
     if hasattr(attack, "state_dict"):
         state["attack"] = attack.state_dict()
     state["compressor"] = compressor.state_dict()
@@ -554,6 +556,9 @@ def _resume(engine, ckpt_dir, meta, attack, compressor, run: _RunState, guard: S
     saved = state.get("meta", {}).get("backbone")
     if saved is not None and saved != meta["backbone"]:
         raise ConfigError(f"--resume: checkpoint in {ckpt_dir} is a {saved}, not a {meta['backbone']}")
+    buffers = dict(engine.module.named_buffers())
+    for name, value in rank_state.get("buffers", {}).items():
+        buffers[name].data.copy_(value)
     if hasattr(attack, "load_state_dict") and "attack" in rank_state:
         attack.load_state_dict(rank_state["attack"])
     compressor.load_state_dict(rank_state.get("compressor", {}))
