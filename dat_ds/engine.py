@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import zipfile
@@ -375,6 +376,16 @@ def _check_same_model(tag_dir: Path, marker: dict, meta: dict, world_size: int) 
                           f"compressor state)")
 
 
+def load_error_reason(err: BaseException) -> str:
+    """The telling line of a failed ``torch.load``: for a refused pickle, the global it wanted."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
+    if found:
+        return f"it would run {found.group(1) if found.groups() else found.group(0)} when unpickled"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None) -> Optional[Tuple[dict, dict]]:
     """Restore engine, optimizer, schedule and this rank's RNG from ``tag`` (default: ``latest``).
 
@@ -390,8 +401,8 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None) -> Option
         rank_file = where / f"rank{dist.rank()}.pt"
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"checkpoint {where} refused: not a plain tensor checkpoint or damaged ({first})") from None
+        raise ConfigError(f"checkpoint {where} refused: not a plain tensor checkpoint or damaged "
+                          f"({load_error_reason(err)})") from None
     if client_state is None:
         raise ConfigError(f"checkpoint {where} could not be loaded")
     if "rng" in rank_state:

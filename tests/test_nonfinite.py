@@ -31,7 +31,8 @@ def test_poisoned_batches_are_skipped_on_every_rank(tmp_path):
     assert 1 <= expected <= 3
     assert a["skipped"] == b["skipped"] == expected, "both ranks skip the step only one of them saw"
     assert a["steps"] == 512 // 32 and a["lr_steps"] == a["steps"] - expected, "the LR schedule holds on a skip"
-    assert torch.isfinite(a["params"]).all(), "weights and BatchNorm statistics stay finite"
+    assert torch.isfinite(a["params"]).all() and torch.isfinite(a["buffers"]).all()
+    assert torch.isfinite(b["buffers"]).all(), "BatchNorm statistics (per rank) stay finite"
     assert torch.equal(a["params"], b["params"])
     assert a["loss"] == a["loss"], "the mean loss leaves skipped steps out"
 
@@ -52,3 +53,30 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_clear_message(tmp_path):
     msg = "error: 3 optimizer steps in a row had a non-finite loss or gradient (last at epoch 0, batch 2); stopping"
     assert msg in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_deepspeed_bf16_optimizer_skips_a_nan_batch_in_process(fmnist):
+    """DeepSpeed's ``"bf16"`` mode wraps the optimizer; a skipped step still applies no update."""
+    from dat_ds import attacks, compress, dist
+    from dat_ds.engine import initialize
+    from dat_ds.guard import StepGuard
+    from dat_ds.metrics import Timers
+    from dat_ds.models import create_model
+    from dat_ds.trainer import train_epoch
+
+    dist.init()
+    model = create_model("test_vit", 10, 1, 28, fmnist.mean, fmnist.std)
+    cfg = {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    engine = initialize(model, cfg, 3, 1)
+    x, y = fmnist.test.__getitems__(list(range(8)))
+    poisoned = x.clone()
+    poisoned[3] = float("nan")
+    guard = StepGuard(engine, max_nonfinite=2)
+    stats = train_epoch(engine, [(x, y)], attacks.create("none"), compress.create("none"), Timers(), guard=guard)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    train_epoch(engine, [(poisoned, y)], attacks.create("none"), compress.create("none"), Timers(), guard=guard)
+    assert engine.skipped_steps == 1 and guard.consecutive == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    stats = train_epoch(engine, [(x, y)], attacks.create("none"), compress.create("none"), Timers(), guard=guard)
+    assert guard.consecutive == 0 and stats["train_loss"] == stats["train_loss"]

@@ -142,3 +142,77 @@ def test_single_process_kill_mid_epoch_resume_is_exact(tmp_path, oracle):
     r = run_recipe([*args, "--output-dir", out, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(final_weights(ref), final_weights(out))
+
+
+# --- which checkpoint --resume takes ---------------------------------------------------------
+
+META = {"backbone": "test_resnet", "stem": "native", "dataset": "fashion_mnist", "num_classes": 10}
+
+
+def fake_checkpoint(ckpt_dir, tag, position, complete=True, meta=META, world=2):
+    """A tag folder as save_checkpoint leaves it (tiny tensors), with or without its marker."""
+    d = ckpt_dir / tag
+    d.mkdir(parents=True)
+    files = {}
+    for name in ("mp_rank_00_model_states.pt", "rank0.pt", "rank1.pt"):
+        torch.save({"w": torch.arange(1000.0)}, d / name)
+        files[name] = (d / name).stat().st_size
+    if complete:
+        (d / COMPLETE).write_text(json.dumps({"tag": tag, "position": position, "global_step": 0,
+                                              "world_size": world, "meta": meta, "files": files}))
+    return d
+
+
+def pick(ckpt_dir, capsys, meta=META, world=2):
+    from dat_ds.engine import pick_checkpoint
+    picked = pick_checkpoint(ckpt_dir, meta, world)
+    return (picked[0] if picked else None), capsys.readouterr().err
+
+
+def test_resume_takes_the_newest_complete_checkpoint_by_position(tmp_path, capsys):
+    fake_checkpoint(tmp_path, "epoch0000", [1, 0])
+    fake_checkpoint(tmp_path, "epoch0001-batch000004", [1, 4])
+    fake_checkpoint(tmp_path, "epoch0001-batch000008", [1, 8], complete=False)  # its save was cut short
+    tag, err = pick(tmp_path, capsys)
+    assert tag == "epoch0001-batch000004"
+    assert "ignoring incomplete checkpoint" in err and "epoch0001-batch000008" in err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_resume_falls_back_from_a_damaged_checkpoint_and_says_so(tmp_path, capsys, damage):
+    fake_checkpoint(tmp_path, "epoch0000", [1, 0])
+    d = fake_checkpoint(tmp_path, "epoch0001", [2, 0])
+    f = d / "rank1.pt"
+    raw = bytearray(f.read_bytes())
+    if damage == "truncate":
+        f.write_bytes(raw[:len(raw) // 2])
+    elif damage == "flip":  # same size, one byte of tensor data changed: the archive's checksum catches it
+        i = raw.find(torch.arange(1000.0).numpy().tobytes()[4000:4008])
+        raw[i] ^= 0xFF
+        f.write_bytes(raw)
+    else:
+        f.unlink()
+    tag, err = pick(tmp_path, capsys)
+    assert tag == "epoch0000"
+    assert f"checkpoint {d} is damaged" in err and "falling back to the previous complete checkpoint" in err
+
+
+def test_resume_with_only_damaged_checkpoints_refuses(tmp_path, capsys):
+    from dat_ds.engine import ConfigError
+    d = fake_checkpoint(tmp_path, "epoch0000", [1, 0])
+    (d / "rank0.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="no intact checkpoint"):
+        pick(tmp_path, capsys)
+
+
+def test_resume_refuses_another_model_or_world_size(tmp_path, capsys):
+    from dat_ds.engine import ConfigError
+    fake_checkpoint(tmp_path, "epoch0000", [1, 0])
+    with pytest.raises(ConfigError, match="has backbone 'test_resnet', this run 'resnet18'"):
+        pick(tmp_path, capsys, meta={**META, "backbone": "resnet18"})
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 4"):
+        pick(tmp_path, capsys, world=4)
+
+
+def test_no_checkpoint_starts_afresh(tmp_path, capsys):
+    assert pick(tmp_path / "none", capsys)[0] is None

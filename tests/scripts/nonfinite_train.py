@@ -72,10 +72,10 @@ def main():
     guard = StepGuard(engine, args.max_nonfinite)
     stats = train_epoch(engine, loader, attacks.create("pgd", eps=0.1, steps=1), compress.create("none"), Timers(),
                         guard=guard)
-    flat = torch.cat([t.detach().reshape(-1) for t in (*engine.module.parameters(), *engine.module.buffers())
-                      if t.is_floating_point()])
+    flat = torch.cat([t.detach().reshape(-1) for t in engine.module.parameters()])
+    buffers = torch.cat([t.detach().reshape(-1) for t in engine.module.buffers() if t.is_floating_point()])
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save({"params": flat, "skipped": engine.skipped_steps, "steps": engine.global_steps,
+    torch.save({"params": flat, "buffers": buffers, "skipped": engine.skipped_steps, "steps": engine.global_steps,
                 "loss": stats["train_loss"], "lr_steps": engine.lr_scheduler.last_epoch},
                Path(args.out) / f"params_rank{rank}.pt")
 
