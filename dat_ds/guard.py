@@ -32,13 +32,16 @@ class StopRequested(Exception):
 class StopSignal:
     """SIGTERM and SIGINT set a flag that the training loop acts on at the next step boundary.
 
-    A second signal of either kind raises ``KeyboardInterrupt`` at once.
+    A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` at once. Further SIGTERMs are
+    ignored: launchers and schedulers pass one on to ranks that already got it from the process
+    group, and the graceful stop must survive that.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self._interrupts = 0
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -55,9 +58,10 @@ class StopSignal:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        if self.signum is not None and signum == signal.SIGINT and self._interrupts:
             raise KeyboardInterrupt
-        self.signum = signum
+        self._interrupts += signum == signal.SIGINT
+        self.signum = self.signum or signum
 
 
 class StepGuard:

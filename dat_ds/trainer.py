@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .data import DatasetInfo, eval_loader, load_dataset, start_epoch, train_loa
 from .engine import (ConfigError, autocast, exchange_gradients, initialize, load_checkpoint, load_config,
                      pick_checkpoint, resolve_batch, restore_best, save_checkpoint)
 from .evaluate import evaluate
-from .guard import NonFiniteError, StepGuard, StopRequested, StopSignal, skip_step  # noqa: F401
+from .guard import StepGuard, StopRequested, StopSignal, skip_step
 from .metrics import RunLogger, Timers
 from .models import check_backbone, create_model
 
@@ -497,7 +498,6 @@ def _save_mid_epoch(engine, ckpt_dir, meta, attack, compressor, timers, run: _Ru
 
 
 def _stopped(guard: StepGuard, state: EpochState, ckpt_dir: Path) -> None:
-    import signal
     name = signal.Signals(guard.stop_signum).name if guard.stop_signum else "a signal"
     raise StopRequested(f"stopped by {name} at epoch {state.epoch}, batch {state.done}; the checkpoint in "
                         f"{ckpt_dir} is complete and --resume continues from it", guard.stop_signum or 15)
@@ -551,8 +551,7 @@ def _resume(engine, ckpt_dir, meta, attack, compressor, run: _RunState, guard: S
         raise ConfigError(picked)
     if picked is None:
         return EpochState(), {}
-    loaded = load_checkpoint(engine, ckpt_dir, picked[0])
-    state, rank_state = loaded
+    state, rank_state = load_checkpoint(engine, ckpt_dir, picked[0])
     saved = state.get("meta", {}).get("backbone")
     if saved is not None and saved != meta["backbone"]:
         raise ConfigError(f"--resume: checkpoint in {ckpt_dir} is a {saved}, not a {meta['backbone']}")

@@ -216,3 +216,17 @@ def test_resume_refuses_another_model_or_world_size(tmp_path, capsys):
 
 def test_no_checkpoint_starts_afresh(tmp_path, capsys):
     assert pick(tmp_path / "none", capsys)[0] is None
+
+
+def test_stop_signal_survives_a_forwarded_sigterm_but_not_a_second_ctrl_c():
+    import os
+    from dat_ds.guard import StopSignal
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher passing on what the process group got
+        assert stop.signum == signal.SIGTERM
+    with StopSignal() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
