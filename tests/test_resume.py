@@ -117,9 +117,10 @@ ORACLE_RUN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", 
               ROOT / "tests" / "configs" / "tiny_lamb.json"]
 
 
-@pytest.mark.parametrize("oracle", [["--attack", "conadv", "--tau", "2", "--epochs", "2"],
-                                    ["--attack", "free", "--steps", "2", "--epochs", "4", "--compressor", "ef_sign"]],
-                         ids=["conadv_tau2", "free2_ef_sign"])
+@pytest.mark.parametrize("oracle", [
+    pytest.param(["--attack", "conadv", "--tau", "2", "--epochs", "2"], id="conadv_tau2"),
+    pytest.param(["--attack", "free", "--steps", "2", "--epochs", "4", "--compressor", "ef_sign"], id="free2_ef_sign",
+                 marks=pytest.mark.slow)])
 def test_single_process_kill_mid_epoch_resume_is_exact(tmp_path, oracle):
     """ConAdv's look-ahead batch and weight history, Free-m's perturbation and the error-feedback
     residual all come back from a mid-epoch checkpoint."""
