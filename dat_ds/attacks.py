@@ -344,6 +344,13 @@ class ConAdv(PGD):
         self._snapshot(model)
         return self.perturb(self._attacker, x, y), None
 
+    def state_dict(self) -> dict:
+        """The stale weights still to be used (tau > 1); with tau = 1 the next snapshot is the model itself."""
+        return {"history": [list(h) for h in self._history]} if self.tau > 1 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._history = deque((list(h) for h in state.get("history", [])), maxlen=self.tau)
+
     @staticmethod
     def collect(handle) -> torch.Tensor:
         x_adv, stream = handle

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .engine import LATEST
+from .engine import LATEST, load_error_reason
 from .models import NormalizedModel, create_model
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -57,8 +57,8 @@ def read_states(model_file: Path) -> dict:
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read checkpoint {model_file} (corrupt or truncated?): {first}") from None
+        raise ValueError(f"cannot read checkpoint {model_file} (refused, corrupt or truncated): "
+                         f"{load_error_reason(err)}") from None
     if not isinstance(state, dict) or "module" not in state or "meta" not in state:
         raise ValueError(f"{model_file} is not a dat-ds checkpoint (no 'module' weights or 'meta' settings)")
     return state

@@ -96,7 +96,13 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="flip (-g), random (noise of |g|), scale (-100 g)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/dat")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --output-dir (mid-epoch ones included)")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only)")
+    g.add_argument("--max-nonfinite", type=int, default=10, metavar="N",
+                   help="stop after N optimizer steps in a row were skipped for a non-finite loss or gradient "
+                        "(0: never stop)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="dat-ds")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -117,15 +123,27 @@ def run(fn: Callable[[], Optional[dict]]) -> None:
     """Run a recipe's main; expected failures become one line on stderr and exit code 2."""
     from .data import DataError
     from .engine import ConfigError
+    from .guard import NonFiniteError, StopRequested
     prog = os.path.basename(sys.argv[0])
     try:
         fn()
     except (ValueError, DataError, ConfigError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NonFiniteError as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except StopRequested as err:
+        print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the newest complete checkpoint is kept (--resume continues)", file=sys.stderr)
         sys.exit(130)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def print_summary(summary: dict) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 import os
 import pickle
 import struct
@@ -384,6 +385,36 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can begin an epoch part-way: after ``set_epoch(e, skip)`` it
+    yields this rank's order for epoch ``e`` without its first ``skip`` indices (the batches a
+    checkpoint has already trained on). The order itself does not depend on ``skip``."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Point a :func:`train_loader` at ``epoch``, ``skip_batches`` batches in.
+
+    The loader draws its worker seeds from its own generator, reseeded here from the run's seed
+    and the epoch, so starting an iterator never touches the global RNG (whose state a
+    checkpoint restores) and a resumed epoch gives its workers the same seeds.
+    """
+    # batch_size None: the sampler yields whole batches (e.g. labeled + pseudo-labeled), so it skips batches
+    loader.sampler.set_epoch(epoch, skip_batches * (loader.batch_size or 1))
+    loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)
+
+
 def _batch_collate(batch):
     """Batches from ``__getitems__`` are already tensors; per-sample lists get stacked."""
     if isinstance(batch, tuple):
@@ -398,9 +429,10 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
     if len(ds) < batch_size * world_size:
         raise ValueError(f"the training set has {len(ds)} samples, fewer than one global batch "
                          f"({batch_size} x {world_size} ranks); raise --train-limit or lower the batch size")
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_batch_collate,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:

@@ -45,25 +45,34 @@ def _clean(value):
     return value
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class RunLogger:
     """Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json``; mirrors both to W&B."""
 
     def __init__(self, output_dir: Path, config: dict, use_wandb: bool = False, project: str = "dat-ds",
-                 resume: bool = False):
+                 resume: bool = False, first_epoch: int = 0):
         self.dir = Path(output_dir)
         self.main = dist.is_main()
         self.run = None
         if not self.main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.dir / "metrics.jsonl"
         if not resume:
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+            metrics.unlink(missing_ok=True)
+        elif metrics.is_file():  # drop rows of epochs the resumed run trains again (written before a crash)
+            kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("epoch", -1) < first_epoch]
+            write_text_atomic(metrics, "".join(kept))
         write_json_atomic(self.dir / "config.json", config)
         if use_wandb:
             import wandb

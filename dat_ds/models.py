@@ -87,6 +87,14 @@ def _small_input_stem(model: nn.Module) -> None:
 STEMS = ("auto", "small", "native")
 
 
+def check_backbone(name: str) -> None:
+    """ValueError naming similar models when ``name`` is not a timm (or dat-ds) model name."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown backbone {name!r} (not a timm model name){hint}")
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 224,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), pretrained: bool = False,
                  stem: str = "auto", **kwargs) -> NormalizedModel:
@@ -104,10 +112,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
     small = stem == "small" or (stem == "auto" and img_size <= SMALL_INPUT)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown backbone {name!r} (not a timm model name){hint}")
+    check_backbone(name)
     if len(mean) != in_chans:
         mean, std = tuple(mean) * in_chans if len(mean) == 1 else mean, tuple(std) * in_chans if len(std) == 1 else std
     kw = dict(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)

@@ -232,13 +232,14 @@ class MixedBatchSampler(Sampler[List[int]]):
         if self.batches < 1 or n_labeled < world_size:
             raise ValueError(f"{n_labeled} labeled samples make no batch of {batch_size} on {world_size} ranks; "
                              f"raise --labeled-fraction or --train-limit, or lower the batch size")
-        self.epoch = 0
+        self.epoch = self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Epoch ``epoch``, without its first ``skip`` batches (those a mid-epoch checkpoint trained on)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.batches
+        return self.batches - self.skip
 
     def epoch_indices(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(labeled (batches, n_lab), pool (batches, n_unlabeled))`` indices of this rank for the epoch."""
@@ -253,7 +254,7 @@ class MixedBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         lab, pool = self.epoch_indices()
-        return iter(torch.cat([lab, pool + self.n_labeled], dim=1).tolist())
+        return iter(torch.cat([lab, pool + self.n_labeled], dim=1)[self.skip:].tolist())
 
 
 def mixed_loader_fn(pool: Optional[PseudoLabels], fraction: float, batches: Optional[int] = None):
@@ -266,7 +267,8 @@ def mixed_loader_fn(pool: Optional[PseudoLabels], fraction: float, batches: Opti
         sampler = MixedBatchSampler(len(train_set), len(pool_set), micro, fraction, rank, world, seed, batches)
         # batch_size=None: the sampler yields whole batches, read in one slice by MixedImages
         return DataLoader(MixedImages(train_set, pool_set), sampler=sampler, batch_size=None,
-                          collate_fn=_batch_collate, num_workers=num_workers, persistent_workers=num_workers > 0)
+                          collate_fn=_batch_collate, num_workers=num_workers, persistent_workers=num_workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
 
     return make
 

@@ -72,6 +72,20 @@ def test_every_batch_mixes_at_the_set_fraction(fraction, micro):
     assert list(sampler) == list(again), "batches depend only on (seed, epoch): resuming replays them"
 
 
+def test_mixed_loader_starts_part_way_into_an_epoch(fmnist):
+    """A mid-epoch checkpoint resumes the mixed batches at the next one, without re-drawing the others."""
+    from dat_ds.data import start_epoch
+    from dat_ds.semisup import mixed_loader_fn
+    labeled, pool = fmnist.test.subset(400), _pool(120)
+    loader = mixed_loader_fn(pool, 0.5)(labeled, 16, 1, 2, 3)
+    start_epoch(loader, 2)
+    full = [y for _, y in loader]
+    start_epoch(loader, 2, skip_batches=5)
+    tail = [y for _, y in loader]
+    assert len(full) == 12 and len(tail) == len(loader) == 7
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], tail))
+
+
 def test_hold_back_labels_splits_without_overlap(fmnist):
     train = fmnist.train.subset(1000)
     labeled, images, truth = hold_back_labels(train, 0.1, seed=0)
