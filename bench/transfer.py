@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, table  # noqa: E402
 from semisup import ROOT, launch  # noqa: E402
 
-from dat_ds.metrics import read_jsonl  # noqa: E402
+from dat_ds.metrics import read_jsonl, write_json_atomic  # noqa: E402
 
 
 def lead_note(fine: list, scratch: list, who: str = "Fine-tuning with LP-FT") -> str:
@@ -51,21 +51,28 @@ def main():
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "fashion_mnist_demo.json"),
                    help="every run: pre-training, fine-tuning and scratch")
     p.add_argument("--head-only-epochs", type=float, default=0.5, help="LP-FT head-only phase of the first run")
+    p.add_argument("--head-lr-mult", type=float, default=10.0, help="head LR multiplier of the LP-FT run")
     p.add_argument("--plain", action="store_true", help="also fine-tune without the head-only phase")
+    p.add_argument("--reuse-pretrain", action="store_true", help="keep an existing pre-training run in --out")
     a = p.parse_args()
     out = Path(a.out)
     common = ["--steps", a.steps, "--eval-steps", 10, "--eval-limit", a.eval_limit, "--eps", 0.1,
               "--deepspeed_config", a.deepspeed_config]
     pre = out / "pretrain"
-    walls = {"pretrain": launch(["--dataset", "fashion_mnist", "--backbone", a.backbone, "--stem", "native",
-                                 "--train-limit", a.pretrain_limit, "--epochs", a.pretrain_epochs, *common,
-                                 "--output-dir", pre], a.ranks, "fashion_mnist_dat.py")}
-    lpft = f"fine-tuned, LP-FT (head only for {a.head_only_epochs:g} epochs)"
-    runs = {lpft: ("finetune_lpft", ["--head-only-epochs", a.head_only_epochs]),
-            "fine-tuned, no head-only phase": ("finetune_plain", ["--head-only-epochs", 0]),
+    wall_file = pre / "bench_wall_s.json"
+    if not (a.reuse_pretrain and wall_file.exists()):
+        wall = launch(["--dataset", "fashion_mnist", "--backbone", a.backbone, "--stem", "native",
+                       "--train-limit", a.pretrain_limit, "--epochs", a.pretrain_epochs, *common,
+                       "--output-dir", pre], a.ranks, "fashion_mnist_dat.py")
+        write_json_atomic(wall_file, {"wall_s": wall})
+    walls = {"pretrain": json.loads(wall_file.read_text())["wall_s"]}
+    lpft = f"fine-tuned, LP-FT (head only for {a.head_only_epochs:g} epochs, head LR x{a.head_lr_mult:g})"
+    plain_name = f"fine-tuned, no head-only phase (head LR x{a.head_lr_mult:g})"
+    runs = {lpft: ("finetune_lpft", ["--head-only-epochs", a.head_only_epochs, "--head-lr-mult", a.head_lr_mult]),
+            plain_name: ("finetune_plain", ["--head-only-epochs", 0, "--head-lr-mult", a.head_lr_mult]),
             "DAT from scratch": ("scratch", ["--scratch"])}
     if not a.plain:
-        del runs["fine-tuned, no head-only phase"]
+        del runs[plain_name]
     rows, curves = [], {}
     for name, (folder, extra) in runs.items():
         run_dir = out / folder
@@ -107,7 +114,9 @@ def main():
                   f"fine-tuned runs start from the pre-trained weights with a new head. LP-FT: for the first "
                   f"{a.head_only_epochs:g} epochs the pre-trained layers get LR 0 (the head warms up and trains "
                   f"alone; BatchNorm statistics follow the target data), then they are re-warmed over the "
-                  f"schedule's warm-up.",
+                  f"schedule's warm-up; the head's LR is {a.head_lr_mult:g} x the schedule's throughout (LAMB's "
+                  f"layerwise trust ratio bounds each step to about lr x the weight norm, which is slow for a "
+                  f"freshly initialised head).",
                   f"The pre-trained model: {a.backbone}, DAT pgd-{a.steps} on {a.pretrain_limit} Fashion-MNIST images "
                   f"for {a.pretrain_epochs} epochs (test TA {100 * pre_s['clean_acc']:.1f} %, "
                   f"RA {100 * pre_s['robust_acc']:.1f} %)."] if n],

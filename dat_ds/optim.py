@@ -107,7 +107,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_1d: bool 
     for (decay, mult, frozen), params in groups.items():
         out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult,
                     "frozen_epochs": frozen})
-    return out
+    return [g for g in out if g["params"]] or out[:1]  # DeepSpeed drops empty groups (the schedule has one per group)
 
 
 def set_lr_rules(model: torch.nn.Module, head_prefix: str, head_lr_mult: float = 1.0,
