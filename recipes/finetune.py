@@ -10,10 +10,11 @@ model-states file. The model is the checkpoint's architecture (backbone, stem, c
 resolution, normalization) with a new classifier head for the target's classes; every other
 tensor comes from the checkpoint, and the skipped head tensors are listed. Target images are
 resized to the pre-training resolution with ``--upsample`` (grey and RGB are mapped to the
-checkpoint's channels). By default the new head trains alone for the first half epoch (LP-FT,
-Kumar et al. 2022: ``--head-only-epochs``; the pre-trained layers get LR 0 but keep their
-gradients, so every gradient compressor sees the same layout), then the whole network trains,
-the pre-trained layers re-warmed; ``--head-lr-mult`` (default 10) scales the head's LR. ``--scratch`` trains
+checkpoint's channels). ``--head-only-epochs E`` trains the new head alone for the first E
+epochs (LP-FT, Kumar et al. 2022; the pre-trained layers get LR 0 but keep their gradients, so
+every gradient compressor sees the same layout), then the whole network, the pre-trained layers
+re-warmed; ``--head-lr-mult`` scales the head's LR. Both are off by default: neither beat plain
+fine-tuning in ``bench/transfer.py``. ``--scratch`` trains
 the same model from random weights (no LP-FT rules): the baseline.
 Every training flag of the other recipes applies (attack, loss, compressor, ds_config, ...).
 """
@@ -39,10 +40,10 @@ def parser() -> argparse.ArgumentParser:
                    help="resize target images to the checkpoint's resolution (bilinear) when they differ")
     g.add_argument("--scratch", action="store_true",
                    help="train the checkpoint's architecture from random weights instead (baseline)")
-    g.add_argument("--head-only-epochs", type=float, default=0.5, metavar="E",
+    g.add_argument("--head-only-epochs", type=float, default=0.0, metavar="E",
                    help="LP-FT: train only the new head for the first E epochs (the pre-trained layers get LR 0), "
                         "then everything, the pre-trained layers re-warmed over the schedule's warm-up; 0: off")
-    g.add_argument("--head-lr-mult", type=float, default=10.0, metavar="M",
+    g.add_argument("--head-lr-mult", type=float, default=1.0, metavar="M",
                    help="the new head's LR is M times the schedule's (the pre-trained layers: 1 times); LAMB bounds a "
                         "step to about lr x the weight norm, slow for a fresh head")
     p.set_defaults(backbone=None, stem=None)  # None: the checkpoint's
