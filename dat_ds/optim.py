@@ -85,12 +85,45 @@ class Lamb(Optimizer):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_1d: bool = True) -> list:
-    """Weight decay on weight matrices/kernels only; biases and norm scales are left alone."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if (no_decay_1d and p.ndim <= 1) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on weight matrices/kernels only; biases and norm scales are left alone.
+
+    A model may carry ``lr_rules``: ``[(prefix, {"lr_mult": m, "frozen_epochs": e}), ...]``. A
+    parameter whose name starts with ``prefix`` (first matching rule) lands in a group with those
+    keys: the schedule multiplies its LR by ``lr_mult`` and holds it at 0 for the first
+    ``frozen_epochs`` epochs (see :func:`set_lr_rules`).
+    """
+    rules = getattr(model, "lr_rules", None) or []
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rule = next((r for prefix, r in rules if name.startswith(prefix)), {})
+        decay = not (no_decay_1d and p.ndim <= 1)
+        key = (decay, float(rule.get("lr_mult", 1.0)), float(rule.get("frozen_epochs", 0.0)))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for decay in (True, False):  # the plain decay / no-decay pair first, as before
+        out.append({"params": groups.pop((decay, 1.0, 0.0), []), "weight_decay": weight_decay if decay else 0.0})
+    for (decay, mult, frozen), params in groups.items():
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult,
+                    "frozen_epochs": frozen})
+    return [g for g in out if g["params"]] or out[:1]  # DeepSpeed drops empty groups (the schedule has one per group)
+
+
+def set_lr_rules(model: torch.nn.Module, head_prefix: str, head_lr_mult: float = 1.0,
+                 head_only_epochs: float = 0.0) -> torch.nn.Module:
+    """Fine-tuning LR rules (read by :func:`param_groups` and the schedules): the head's LR times
+    ``head_lr_mult``; every other parameter frozen (LR 0) for the first ``head_only_epochs`` epochs,
+    then re-warmed linearly over the schedule's warm-up (LP-FT, Kumar et al. 2022).
+
+    Frozen parameters keep ``requires_grad`` and their gradients, so the gradient exchange sees
+    the same flat layout on every step and every rank; only their step size is 0, which leaves
+    them bit-for-bit unchanged (weight decay included).
+    """
+    if head_lr_mult <= 0 or head_only_epochs < 0:
+        raise ValueError(f"need head_lr_mult > 0 and head_only_epochs >= 0, got {head_lr_mult} and {head_only_epochs}")
+    model.lr_rules = [(head_prefix, {"lr_mult": head_lr_mult}), ("", {"frozen_epochs": head_only_epochs})]
+    return model
 
 
 @OPTIMIZERS.register("Lamb")
@@ -138,6 +171,22 @@ def warmup_piecewise(step: int, steps_per_epoch: int, epochs: int, warmup_epochs
     return gamma ** passed
 
 
+def _group_factor(fn, group: dict, steps_per_epoch: int, warmup_steps: float):
+    """``fn`` scaled by the group's ``lr_mult``, 0 during its ``frozen_epochs``, then re-warmed."""
+    mult, frozen = group.get("lr_mult", 1.0), round(group.get("frozen_epochs", 0.0) * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < frozen:
+            return 0.0
+        ramp = min(1.0, (step - frozen + 1) / warmup_steps) if frozen and warmup_steps else 1.0
+        return mult * ramp * fn(step)
+    return factor
+
+
+def _lambda_lr(optimizer, fn, steps_per_epoch: int, warmup_steps: float = 0.0) -> LambdaLR:
+    return LambdaLR(optimizer, [_group_factor(fn, g, steps_per_epoch, warmup_steps) for g in optimizer.param_groups])
+
+
 @SCHEDULERS.register("WarmupPiecewise")
 def _warmup_piecewise(optimizer, steps_per_epoch, epochs, global_batch_size, warmup_epochs=0.0,
                       milestones=(0.5, 0.75), gamma=0.1, base_batch_size: Optional[int] = None):
@@ -146,13 +195,14 @@ def _warmup_piecewise(optimizer, steps_per_epoch, epochs, global_batch_size, war
         raise ValueError(f"scheduler needs warmup_epochs >= 0 and increasing milestones in (0, 1) "
                          f"(fractions of the run), got warmup_epochs={warmup_epochs} milestones={list(milestones)}")
     scale = global_batch_size / base_batch_size if base_batch_size else 1.0
-    return LambdaLR(optimizer, lambda s: scale * warmup_piecewise(s, steps_per_epoch, epochs, warmup_epochs,
-                                                                    milestones, gamma))
+    return _lambda_lr(optimizer, lambda s: scale * warmup_piecewise(s, steps_per_epoch, epochs, warmup_epochs,
+                                                                      milestones, gamma),
+                      steps_per_epoch, warmup_epochs * steps_per_epoch)
 
 
 @SCHEDULERS.register("Constant")
 def _constant(optimizer, steps_per_epoch, epochs, global_batch_size):
-    return LambdaLR(optimizer, lambda s: 1.0)
+    return _lambda_lr(optimizer, lambda s: 1.0, steps_per_epoch)
 
 
 def create_scheduler(spec: Optional[dict], optimizer: Optimizer, steps_per_epoch: int, epochs: int,

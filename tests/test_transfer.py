@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run_deepspeed, run_recipe
+from dat_ds.checkpoint_io import find_checkpoint, read_states
 from dat_ds.data import TensorImages, load_dataset
 from dat_ds.models import create_model
+from dat_ds.optim import create_optimizer, create_scheduler, set_lr_rules
 from dat_ds.transfer import ResizedImages, adapt_batch, head_prefix, load_backbone
 
 QUICK = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "256", "--eval-limit", "64",
@@ -47,6 +49,37 @@ def test_load_backbone_refuses_another_architecture(tmp_path):
         load_backbone(wider, tmp_path / "m.pt")
 
 
+@pytest.mark.parametrize("opt", ["Lamb", "SGD", "AdamW"])
+def test_head_only_phase_freezes_the_backbone_then_rewarms_it(opt):
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, 1, 28, META["mean"], META["std"], stem="native")
+    prefix = head_prefix(model)
+    set_lr_rules(model, prefix, head_lr_mult=4.0, head_only_epochs=0.5)
+    optimizer = create_optimizer({"type": opt, "params": {"lr": 0.01, "weight_decay": 0.01}}, model)
+    sched = create_scheduler({"type": "WarmupPiecewise", "params": {"warmup_epochs": 0.25, "milestones": [0.9]}},
+                             optimizer, steps_per_epoch=8, epochs=2, global_batch_size=8)
+    head = {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert all(g["params"] for g in optimizer.param_groups), "DeepSpeed drops empty groups"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 3, (8,))
+    lrs = []
+    for step in range(8):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()  # every parameter has a gradient
+        optimizer.step()
+        sched.step()
+        lrs.append([(g["lr"], any(id(p) in head for p in g["params"])) for g in optimizer.param_groups if g["params"]])
+        if step == 3:  # the head-only phase (0.5 epochs = 4 steps) is over
+            for n, p in model.named_parameters():
+                assert torch.equal(p, before[n]) != n.startswith(prefix), n
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.ndim > 1)
+    body = [max(lr for lr, is_head in row if not is_head) for row in lrs]  # the LR of the following step
+    head_lr = [max(lr for lr, is_head in row if is_head) for row in lrs]
+    assert body[:3] == [0.0] * 3 and 0 < body[3] < body[4] <= 0.01  # re-warmed after the head-only phase
+    assert max(body) == pytest.approx(0.01) and max(head_lr) == pytest.approx(0.04)
+
+
 def test_resized_images_match_the_pretraining_input():
     x = torch.rand(4, 3, 8, 8)
     up = adapt_batch(x, 28, 1)
@@ -84,13 +117,19 @@ def test_finetune_under_the_launcher_with_upsampling(pretrained, tmp_path):
     r = run_deepspeed(ROOT / "recipes" / "finetune.py",
                       ["--from", pretrained, *QUICK[4:], "--dataset", "digits", "--upsample", "--epochs", "1",
                        "--compressor", "qsgd", "--bits", "4", "--attack", "pgd_l2", "--eps", "0.5",
-                       "--output-dir", out])
+                       "--head-only-epochs", "0.9", "--output-dir", out])  # 4 steps, all head-only
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["dataset"] == "digits" and s["backbone"] == "test_resnet"
     assert (s["target_input"], s["model_input"]) == ("1x8x8", "1x28x28")
     assert s["skipped_keys"] == ["backbone.fc.bias", "backbone.fc.weight"] and s["loaded_tensors"] > 50
     assert "new head (10 classes) instead of: backbone.fc.bias, backbone.fc.weight" in r.stdout
+    assert s["head_only_epochs"] == 0.9
+    pre = read_states(find_checkpoint(pretrained))["module"]
+    tuned = read_states(find_checkpoint(out))["module"]
+    params = {n for n, _ in create_model("test_resnet", 10, 1, 28, (0.5,), (0.5,), stem="native").named_parameters()}
+    assert all(torch.equal(tuned[k], pre[k]) for k in params if not k.startswith("backbone.fc.")), "frozen"
+    assert not torch.equal(tuned["backbone.fc.weight"], pre["backbone.fc.weight"])
 
 
 @pytest.mark.parametrize("args, message", [
