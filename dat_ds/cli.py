@@ -43,6 +43,9 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training samples")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+    g.add_argument("--classes", default=None, metavar="IDS",
+                   help="train and test on these classes only, e.g. 0-4 or 5,6,7,8,9 (labels become 0..k-1 in "
+                        "the listed order; the checkpoint records the original ids)")
     g.add_argument("--img-size", type=int, default=None, help="input resolution (imagefolder)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     g = p.add_argument_group("model")

@@ -21,7 +21,7 @@ import itertools
 import os
 import pickle
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -51,11 +51,13 @@ class DatasetInfo:
     std: Tuple[float, ...]
     train: Dataset = field(repr=False)
     test: Dataset = field(repr=False)
+    classes: Optional[Tuple[int, ...]] = None  # original class ids kept (--classes), label i = classes[i]
 
     def meta(self) -> dict:
         """What a checkpoint records so a model can be rebuilt without retyping settings."""
         return {"dataset": self.name, "num_classes": self.num_classes, "in_chans": self.in_chans,
-                "img_size": self.img_size, "mean": list(self.mean), "std": list(self.std)}
+                "img_size": self.img_size, "mean": list(self.mean), "std": list(self.std),
+                "classes": None if self.classes is None else list(self.classes)}
 
 
 # --- in-memory tensors -----------------------------------------------------------------------
@@ -88,6 +90,14 @@ class TensorImages(Dataset):
         if limit is None or limit >= len(self):
             return self
         return TensorImages(self.images[:limit], self.labels[:limit], self.augment)
+
+    def select_classes(self, classes: Sequence[int]) -> "TensorImages":
+        """Only the samples of ``classes`` (original ids), relabelled ``0..k-1`` in that order."""
+        ids = torch.as_tensor(list(classes), dtype=torch.long)
+        keep = torch.isin(self.labels, ids)
+        lut = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)  # original id -> new label
+        lut[ids] = torch.arange(len(ids))
+        return TensorImages(self.images[keep], lut[self.labels[keep]], self.augment)
 
     def split_off(self, n: int):
         """``(all but the last n, the last n without augmentation)``; ``(self, None)`` for n = 0."""
@@ -256,22 +266,36 @@ def load_cifar(name: str, data_dir: Optional[str]) -> Tuple[TensorImages, Tensor
 # --- ImageFolder through HF datasets ---------------------------------------------------------
 
 class HFImages(Dataset):
-    """A Hugging Face ``datasets`` image split as (tensor in [0, 1], label) samples."""
+    """A Hugging Face ``datasets`` image split as (tensor in [0, 1], label) samples.
 
-    def __init__(self, ds, transform: Callable):
-        self.ds, self.transform = ds, transform
+    ``label_map`` (original label -> label), set by :meth:`select_classes`, relabels samples.
+    """
+
+    def __init__(self, ds, transform: Callable, label_map: Optional[dict] = None):
+        self.ds, self.transform, self.label_map = ds, transform, label_map
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         row = self.ds[int(i)]
-        return self.transform(row["image"].convert("RGB")), int(row["label"])
+        label = int(row["label"])
+        return self.transform(row["image"].convert("RGB")), self.label_map[label] if self.label_map else label
+
+    def _with(self, ds) -> "HFImages":
+        return HFImages(ds, self.transform, self.label_map)
 
     def subset(self, limit: Optional[int]) -> "HFImages":
         if limit is None or limit >= len(self):
             return self
-        return HFImages(self.ds.select(range(limit)), self.transform)
+        return self._with(self.ds.select(range(limit)))
+
+    def select_classes(self, classes: Sequence[int]) -> "HFImages":
+        """Only the samples of ``classes`` (original ids), relabelled ``0..k-1`` in that order (index
+        selection on the label column: no image is decoded)."""
+        labels = np.asarray(self.ds["label"])
+        idx = np.flatnonzero(np.isin(labels, np.asarray(list(classes))))
+        return HFImages(self.ds.select(idx), self.transform, {c: i for i, c in enumerate(classes)})
 
     def split_off(self, n: int):
         if n <= 0:
@@ -279,8 +303,7 @@ class HFImages(Dataset):
         if n >= len(self):
             raise ValueError(f"--holdout {n} leaves no training samples out of {len(self)}")
         cut = len(self) - n
-        return HFImages(self.ds.select(range(cut)), self.transform), HFImages(self.ds.select(range(cut, len(self))),
-                                                                            self.transform)
+        return self._with(self.ds.select(range(cut))), self._with(self.ds.select(range(cut, len(self))))
 
 
 def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[HFImages, HFImages, int]:
@@ -351,9 +374,59 @@ STATS = {
 }
 
 
+def parse_classes(spec) -> Optional[Tuple[int, ...]]:
+    """``"0-4"`` / ``"5,6,7"`` / ``"0-2,7"`` (or a sequence of ints) -> a tuple of class ids in that
+    order; None stays None. Empty lists, malformed items, negative ids and duplicates raise ValueError."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        ids = []
+        for item in spec.split(","):
+            item = item.strip()
+            lo, dash, hi = item.partition("-")
+            try:
+                if dash:
+                    a, b = int(lo), int(hi)
+                    if a > b:
+                        raise ValueError
+                    ids.extend(range(a, b + 1))
+                else:
+                    ids.append(int(item))
+            except ValueError:
+                raise ValueError(f"--classes: {item!r} in {spec!r} is not a class id or an ascending range "
+                                 f"like 0-4") from None
+    else:
+        ids = [int(c) for c in spec]
+    if not ids:
+        raise ValueError(f"--classes: no class ids in {spec!r}")
+    dup = sorted({c for c in ids if ids.count(c) > 1})
+    if dup:
+        raise ValueError(f"--classes: class id(s) {dup} listed more than once in {spec!r}")
+    if min(ids) < 0:
+        raise ValueError(f"--classes: class ids are >= 0, got {min(ids)} in {spec!r}")
+    return tuple(ids)
+
+
+def select_classes(info: DatasetInfo, classes) -> DatasetInfo:
+    """``info`` with only ``classes`` (original ids, see :func:`parse_classes`) in the training and
+    test sets, labels remapped to ``0..k-1`` in the listed order and ``num_classes = k``."""
+    ids = parse_classes(classes)
+    if ids is None:
+        return info
+    if info.classes is not None:
+        raise ValueError(f"{info.name} already holds a class subset {list(info.classes)}")
+    bad = [c for c in ids if c >= info.num_classes]
+    if bad:
+        raise ValueError(f"--classes: {info.name} has classes 0-{info.num_classes - 1}; no class {bad[0]}")
+    return replace(info, train=info.train.select_classes(ids), test=info.test.select_classes(ids),
+                   num_classes=len(ids), classes=ids)
+
+
 def load_dataset(name: str, data_dir: Optional[str] = None, train_limit: Optional[int] = None,
-                 eval_limit: Optional[int] = None, img_size: Optional[int] = None) -> DatasetInfo:
-    """Load a dataset by name; ``*_limit`` keeps only the first N samples (quick runs)."""
+                 eval_limit: Optional[int] = None, img_size: Optional[int] = None,
+                 classes=None) -> DatasetInfo:
+    """Load a dataset by name; ``classes`` (e.g. ``"0-4"``) keeps only those classes, relabelled
+    ``0..k-1`` (:func:`select_classes`); ``*_limit`` then keeps only the first N samples (quick runs)."""
     if name not in STATS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     for flag, value in (("--train-limit", train_limit), ("--eval-limit", eval_limit)):
@@ -369,7 +442,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, train_limit: Optiona
     else:
         stats["img_size"] = img_size or stats["img_size"]
         train, test, stats["num_classes"] = load_imagefolder(data_dir, stats["img_size"])
-    return DatasetInfo(name=name, train=train.subset(train_limit), test=test.subset(eval_limit), **stats)
+    info = select_classes(DatasetInfo(name=name, train=train, test=test, **stats), classes)
+    return replace(info, train=info.train.subset(train_limit), test=info.test.subset(eval_limit))
 
 
 class ShardSampler(Sampler[int]):

@@ -361,7 +361,7 @@ def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: int, warn=None) -> O
     return None
 
 
-MODEL_KEYS = ("backbone", "stem", "dataset", "num_classes", "in_chans", "img_size")
+MODEL_KEYS = ("backbone", "stem", "dataset", "num_classes", "in_chans", "img_size", "classes")
 
 
 def _check_same_model(tag_dir: Path, marker: dict, meta: dict, world_size: int) -> None:

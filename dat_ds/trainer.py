@@ -77,12 +77,13 @@ class TrainConfig:
     wandb_project: str = "dat-ds"
     num_workers: int = 0
     img_size: Optional[int] = None
+    classes: Optional[str] = None  # e.g. "0-4" or "5,6,7": only these classes, relabelled 0..k-1
     attack_kwargs: dict = field(default_factory=dict)  # further settings of the attack (e.g. Smooth-AT's sigma)
     loss_kwargs: dict = field(default_factory=dict)  # further settings of the objective
 
     def validate(self) -> None:
         """Check every setting before any work (no DeepSpeed, no data); bad ones raise ValueError."""
-        from .data import DATASETS
+        from .data import DATASETS, parse_classes
         for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1),
                           ("stop_after", 1), ("train_limit", 1), ("eval_limit", 1), ("img_size", 8),
                           ("num_workers", 0), ("seed", 0), ("save_every", 0), ("max_nonfinite", 0), ("tau", 1)):
@@ -96,6 +97,7 @@ class TrainConfig:
         check_backbone(self.backbone)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        parse_classes(self.classes)  # syntax; ids are checked against the dataset when it loads
         if Path(self.output_dir).is_file():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
         if not all(v is None or math.isfinite(float(v)) for v in (self.eps, self.alpha)):
@@ -369,7 +371,8 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, loader_fn: Optio
     rank, world = dist.rank(), dist.world_size()
     micro, gas, global_batch = resolve_batch(ds_cfg, world)
     cfg.validate_world(world)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size)
+    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size,
+                                cfg.classes)
     holdout = cfg.holdout if cfg.holdout is not None else (
         min(1000, len(data.train) // 10) if cfg.attack == "fgsm_rs" else 0)
     train_set, holdout_set = data.train.split_off(holdout)

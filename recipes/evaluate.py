@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=None, help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR, imagefolder)")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+    g.add_argument("--classes", default=None, metavar="IDS",
+                   help="class subset, e.g. 0-4 (default: the checkpoint's --classes when --dataset is its dataset)")
     g.add_argument("--batch-size", type=int, default=256,
                    help="samples per batch; batches are dealt to ranks in turn (256)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank (0)")
@@ -162,8 +164,9 @@ def main(argv=None) -> dict:
     model_file = find_checkpoint(args.checkpoint)
     model, meta = load_model(model_file, args.backbone, args.stem)
     specs = make_specs(args, meta)
+    same = args.dataset in (None, meta["dataset"])
     data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,
-                        img_size=meta["img_size"])
+                        img_size=meta["img_size"], classes=args.classes or (meta.get("classes") if same else None))
     check_data(data, meta)
     if "RANK" in os.environ:  # under a launcher; one process needs no process group
         dist.init()
@@ -173,7 +176,8 @@ def main(argv=None) -> dict:
                          args.num_workers, progress=sys.stderr.isatty())
     out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
     settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
-                "dataset": data.name, "norm": specs["norm"], "eps": specs["eps"], "seed": args.seed,
+                "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
+                "eps": specs["eps"], "seed": args.seed,
                 "batch_size": args.batch_size, "world_size": dist.world_size(), "eval_s": time.perf_counter() - t0}
     summary = summarize(table, specs, settings)
     if dist.is_main():

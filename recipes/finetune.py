@@ -61,7 +61,7 @@ def main():
         raise ValueError(f"--head-only-epochs must lie in [0, --epochs) and --head-lr-mult be > 0, got "
                          f"{args.head_only_epochs} and {args.head_lr_mult}")
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit,
-                        meta["img_size"] if cfg.dataset == "imagefolder" else None)
+                        meta["img_size"] if cfg.dataset == "imagefolder" else None, cfg.classes)
     native = f"{data.in_chans}x{data.img_size}x{data.img_size}"
     data = target_data(data, meta, args.upsample)
     report = {}

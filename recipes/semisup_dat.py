@@ -113,7 +113,7 @@ def main():
     if not 0 <= args.min_confidence < 1:
         raise ValueError(f"--min-confidence must lie in [0, 1), got {args.min_confidence}")
     dist.init()
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size, cfg.classes)
     labeled, held_images, held_truth = hold_back_labels(data.train, args.labeled_fraction, cfg.seed)
     data = dataclasses.replace(data, train=labeled)
     pool = None

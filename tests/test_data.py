@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dat_ds.data import (DataError, ShardSampler, load_dataset, random_crop_flip, read_idx, train_loader)
+from dat_ds.data import (DataError, HFImages, ShardSampler, TensorImages, load_dataset, parse_classes,
+                         random_crop_flip, read_idx, train_loader)
 
 
 def write_idx(path, array, compress=True):
@@ -164,3 +165,77 @@ def test_limits_and_unknown_dataset(fmnist):
     with pytest.raises(ValueError, match="--train-limit must be >= 1"):
         load_dataset("fashion_mnist", train_limit=0)
     assert len(fmnist.train.subset(123)) == 123
+
+
+# --- --classes -------------------------------------------------------------------------------
+
+def test_parse_classes_ranges_lists_and_order():
+    assert parse_classes(None) is None
+    assert parse_classes("0-4") == (0, 1, 2, 3, 4)
+    assert parse_classes("5,6,7,8,9") == (5, 6, 7, 8, 9)
+    assert parse_classes(" 7, 0-2 ") == (7, 0, 1, 2)
+    assert parse_classes([3, 1]) == (3, 1)
+
+
+@pytest.mark.parametrize("spec, match", [("", "not a class id"), (",", "not a class id"), ("a", "not a class id"),
+                                         ("4-2", "ascending range"), ("1,1", "more than once"),
+                                         ("0-3,2", "more than once"), ([], "no class ids"), ("-1", "not a class")])
+def test_parse_classes_rejects_bad_values(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_classes(spec)
+
+
+def test_tensor_images_mask_and_remap():
+    labels = torch.tensor([0, 5, 9, 3, 5, 7, 9, 1])
+    images = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous()
+    sub = TensorImages(images, labels).select_classes((9, 5))
+    assert sub.labels.tolist() == [1, 0, 1, 0]  # 5 -> 1, 9 -> 0: the listed order
+    assert sub.images[:, 0, 0, 0].tolist() == [1, 2, 4, 6]  # dataset order kept
+
+
+def test_load_dataset_classes_both_splits_meta_and_limits(tmp_path):
+    make_mnist_dir(tmp_path, n_train=200, n_test=100)
+    full = load_dataset("fashion_mnist", str(tmp_path))
+    info = load_dataset("fashion_mnist", str(tmp_path), classes="5-9", train_limit=10)
+    assert info.num_classes == 5 and info.classes == (5, 6, 7, 8, 9)
+    assert info.meta()["classes"] == [5, 6, 7, 8, 9] and info.meta()["num_classes"] == 5
+    assert full.meta()["classes"] is None
+    for split in ("train", "test"):
+        orig = getattr(full, split).labels
+        kept = orig[orig >= 5]
+        got = getattr(info, split)
+        if split == "test":
+            assert torch.equal(got.labels, kept - 5)
+            assert torch.equal(got.images, full.test.images[orig >= 5])
+        else:  # the limit applies after the class filter
+            assert torch.equal(got.labels, (kept - 5)[:10])
+
+
+def test_load_dataset_classes_bad_ids(tmp_path):
+    make_mnist_dir(tmp_path)
+    with pytest.raises(ValueError, match="has classes 0-9; no class 10"):
+        load_dataset("fashion_mnist", str(tmp_path), classes="8-10")
+    with pytest.raises(ValueError, match="more than once"):
+        load_dataset("fashion_mnist", str(tmp_path), classes="1,2,1")
+
+
+def test_hf_images_select_classes():
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(6)],
+                                     "label": [0, 1, 2, 0, 1, 2]})
+    sub = HFImages(ds, lambda im: torch.tensor(im.getpixel((0, 0))[0])).select_classes((2, 0))
+    assert len(sub) == 4
+    assert [(int(x), y) for x, y in (sub[i] for i in range(4))] == [(0, 1), (2, 0), (3, 1), (5, 0)]
+    assert len(sub.subset(2)) == 2 and sub.subset(2)[1][1] == 0
+
+
+def test_cli_classes_reach_the_config_and_validate():
+    from dat_ds import cli
+    args = cli.parser("t").parse_args(["--classes", "0-4", "--backbone", "test_resnet"])
+    cfg = cli.train_config(args)
+    assert cfg.classes == "0-4"
+    cfg.validate()
+    cfg.classes = "3,3"
+    with pytest.raises(ValueError, match="more than once"):
+        cfg.validate()
