@@ -3,7 +3,8 @@
 For each method (natural, FGSM-RS, PGD-k, Free-m, ConAdv) one training step is: attack -> loss -> backward ->
 gradient exchange -> optimizer step. Three implementations are timed side by side, interleaved:
 
-* ``dat-ds``: ``dat_ds.trainer.train_epoch`` on a DeepSpeed engine (world size 1), timers on;
+* ``dat-ds``: ``dat_ds.trainer.train_epoch`` on a DeepSpeed engine (world size 1), timers on, with the
+  per-step guard a training run has (non-finite check and stop flag, one tiny all-reduce);
 * ``bare``: a plain PyTorch loop with the same model, attack rule (input gradients only) and
   optimizer (dat-ds's LAMB), no DeepSpeed;
 * ``reference``: the attack as the DAT reference code writes it, ``loss.backward()`` through
@@ -27,6 +28,7 @@ from common import machine, save, table, time_calls  # noqa: E402
 
 from dat_ds import attacks, compress, dist  # noqa: E402
 from dat_ds.engine import initialize  # noqa: E402
+from dat_ds.guard import StepGuard  # noqa: E402
 from dat_ds.metrics import Timers  # noqa: E402
 from dat_ds.models import create_model  # noqa: E402
 from dat_ds.optim import Lamb, param_groups  # noqa: E402
@@ -82,6 +84,7 @@ def main():
     x = torch.rand(args.batch, args.in_chans, args.img_size, args.img_size, device=engine.device)
     y = torch.randint(0, 10, (args.batch,), device=engine.device)
     reducer, timers = compress.create("none"), Timers()
+    guard = StepGuard(engine)
 
     methods = {"natural": ("none", {}), "fgsm_rs": ("fgsm_rs", {"eps": args.eps})}
     for k in args.pgd_steps:
@@ -90,7 +93,7 @@ def main():
     methods["conadv"] = ("conadv", {"eps": args.eps})
 
     def framework_step(attack):
-        return lambda: train_epoch(engine, [(x, y)], attack, reducer, timers)
+        return lambda: train_epoch(engine, [(x, y)], attack, reducer, timers, guard=guard)
 
     def bare_step(attack_fn):
         def step():
