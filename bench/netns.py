@@ -13,6 +13,7 @@ collide. ``cleanup_stale()`` removes namespaces of this prefix whose pid is no l
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -33,7 +34,24 @@ def available() -> Optional[str]:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"`{tool}` (iproute2) is not installed"
-    return None
+    return _probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> Optional[str]:
+    """Root is not enough in a container without CAP_NET_ADMIN or without the tbf qdisc: try both once."""
+    name = f"datbprobe{os.getpid()}"
+    try:
+        made = _ip("netns", "add", name, check=False)
+        if made.returncode != 0:
+            return f"cannot create a network namespace: {made.stderr.strip() or made.returncode}"
+        shaped = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit",
+                                 "burst", "32kb", "latency", "10ms"], capture_output=True, text=True)
+        if shaped.returncode != 0:
+            return f"cannot shape a link with tc tbf: {shaped.stderr.strip() or shaped.returncode}"
+        return None
+    finally:
+        _ip("netns", "del", name, check=False)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
