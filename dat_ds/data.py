@@ -497,6 +497,14 @@ def _batch_collate(batch):
     return torch.stack(xs), torch.as_tensor(ys)
 
 
+def read_batch(ds: Dataset, idx: Sequence[int]):
+    """``(x, y)`` for the samples ``idx`` of any dataset: one ``__getitems__`` slice where it has
+    one, else its samples stacked."""
+    if hasattr(ds, "__getitems__"):
+        return ds.__getitems__(idx)
+    return _batch_collate([ds[i] for i in idx])
+
+
 def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 0) -> DataLoader:
     """Shuffled, rank-sharded batches of ``batch_size`` (the per-rank micro-batch); drops the ragged end."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist
-from .data import DataError, TensorImages, _batch_collate
+from .data import DataError, TensorImages, _batch_collate, read_batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 ARRAYS = {"images": np.uint8, "labels": np.int64, "confidence": np.float32}
@@ -189,11 +189,7 @@ class MixedImages(Dataset):
 
 
 def _read(ds: Dataset, idx: torch.Tensor):
-    if len(idx) == 0:
-        return None
-    if hasattr(ds, "__getitems__"):
-        return ds.__getitems__(idx.tolist())
-    return _batch_collate([ds[i] for i in idx.tolist()])
+    return read_batch(ds, idx.tolist()) if len(idx) else None
 
 
 def _generator(*key: int) -> torch.Generator:

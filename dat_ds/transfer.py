@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .checkpoint_io import read_states
-from .data import DatasetInfo, _batch_collate
+from .data import DatasetInfo, read_batch
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
 
@@ -57,10 +57,7 @@ class ResizedImages(Dataset):
         return x[0], y[0]
 
     def __getitems__(self, idx: Sequence[int]):
-        if hasattr(self.base, "__getitems__"):
-            x, y = self.base.__getitems__(idx)
-        else:
-            x, y = _batch_collate([self.base[i] for i in idx])
+        x, y = read_batch(self.base, idx)
         return adapt_batch(x, self.img_size, self.in_chans), y
 
     def subset(self, limit: Optional[int]) -> "ResizedImages":
