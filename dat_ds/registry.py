@@ -1,12 +1,16 @@
 """A tiny name -> factory registry, the pattern timm uses for models.
 
-Attacks, compressors and optimizers each keep one. ``create(name, **kw)`` is the only way the
-recipes build them, so CLI choices come straight from ``names()``.
+Attacks, compressors, objectives, datasets, backbone sources and optimizers each keep one.
+``create(name, **kw)`` is the only way the recipes build them, so CLI choices come straight
+from ``names()``. A factory declares its settings once, in its signature: ``settings(name)``
+reads them (minus the ones a factory marks ``internal_settings``, e.g. a random generator that
+only code passes), the CLI derives its flags from them, and a setting the factory does not
+take is an error.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 
 class Registry:
@@ -14,9 +18,10 @@ class Registry:
 
     >>> ATTACKS = Registry("attack")
     >>> @ATTACKS.register("noise")
-    ... class Noise: ...
-    >>> ATTACKS.names()
-    ['noise']
+    ... class Noise:
+    ...     def __init__(self, eps: float = 0.1): ...
+    >>> ATTACKS.names(), ATTACKS.settings("noise")
+    (['noise'], {'eps': 0.1})
     """
 
     def __init__(self, kind: str):
@@ -41,6 +46,22 @@ class Registry:
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._entries[name]
+
+    def settings(self, name: str) -> Dict[str, Any]:
+        """``{setting: default}`` a user may give the factory (``inspect.Parameter.empty``: required)."""
+        factory = self.get(name)
+        internal = set(getattr(factory, "internal_settings", ()))
+        return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+                if p.name != "self" and p.name not in internal
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def check_settings(self, name: str, given) -> None:
+        """``ValueError`` naming the first of ``given`` that ``name`` does not take."""
+        takes = self.settings(name)
+        unknown = [k for k in given if k not in takes]
+        if unknown:
+            raise ValueError(f"{self.kind} {name!r} has no setting {unknown[0]!r}; "
+                             f"it takes: {', '.join(takes) or 'none'}")
 
     def create(self, name: str, **kwargs):
         factory = self.get(name)
