@@ -2,10 +2,13 @@
 
     deepspeed --hostfile hostfile recipes/imagenet_dat.py --data-dir /data/imagenet
     deepspeed recipes/imagenet_dat.py --data-dir /data/imagenet --attack fgsm_rs   # DAT-FGSM
+    deepspeed --hostfile hostfile recipes/imagenet_dat.py --dataset hf:imagenet-1k   # a Hugging Face copy
 
---data-dir holds train/<class>/*.JPEG and val/<class>/*.JPEG (the ImageFolder layout), read
-through Hugging Face ``datasets``' imagefolder builder. Defaults: PGD-4 at eps 2/255 (the
-DAT code's choice), 224 px, LAMB with layerwise adaptive LR in bf16
+--data-dir holds train/<class>/*.JPEG and val/<class>/*.JPEG (the ImageFolder layout), indexed
+in memory with torchvision's folder scan (nothing is written there: read-only storage works).
+--train-limit / --eval-limit / --holdout draw class-stratified subsets; an unreadable image is
+named on stderr, replaced by the next one and counted. Defaults: PGD-4 at eps 2/255 (the DAT
+code's choice), 224 px, LAMB with layerwise adaptive LR in bf16
 (ds_configs/imagenet_lamb_bf16.json), 5 warm-up epochs then piecewise decay.
 """
 from dat_ds import cli, dist

@@ -1,0 +1,104 @@
+"""Rank-sharded samplers and the training / evaluation data loaders."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``n`` reads indices ``r, r + n, ...``: disjoint, no padding, exact counts."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can begin an epoch part-way: after ``set_epoch(e, skip)`` it
+    yields this rank's order for epoch ``e`` without its first ``skip`` indices (the batches a
+    checkpoint has already trained on). The order itself does not depend on ``skip``."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Point a :func:`train_loader` at ``epoch``, ``skip_batches`` batches in.
+
+    The loader draws its worker seeds from its own generator, reseeded here from the run's seed
+    and the epoch, so starting an iterator never touches the global RNG (whose state a
+    checkpoint restores) and a resumed epoch gives its workers the same seeds.
+    """
+    # batch_size None: the sampler yields whole batches (e.g. labeled + pseudo-labeled), so it skips batches
+    loader.sampler.set_epoch(epoch, skip_batches * (loader.batch_size or 1))
+    loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)
+
+
+def _batch_collate(batch):
+    """Batches from ``__getitems__`` are already tensors; per-sample lists get stacked."""
+    if isinstance(batch, tuple):
+        return batch
+    xs, ys = zip(*batch)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def read_batch(ds: Dataset, idx: Sequence[int]):
+    """``(x, y)`` for the samples ``idx`` of any dataset: one ``__getitems__`` slice where it has
+    one, else its samples stacked."""
+    if hasattr(ds, "__getitems__"):
+        return ds.__getitems__(idx)
+    return _batch_collate([ds[i] for i in idx])
+
+
+def raw_batches(ds: Dataset) -> Dataset:
+    """``ds`` yielding uint8 images where it can (4x fewer bytes to the device); :func:`to_device`
+    turns them into floats in [0, 1] there. Other datasets are returned as they are."""
+    return ds.raw_view() if hasattr(ds, "raw_view") else ds
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device) -> tuple:
+    """A batch on ``device``, images as floats in [0, 1]: uint8 batches are converted after the
+    copy, on the device. From pinned memory the copies do not block the host."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return x, y
+
+
+def _pin() -> bool:
+    """Pinned host memory makes ``non_blocking`` copies asynchronous; only CUDA has it."""
+    return torch.cuda.is_available()
+
+
+def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 0) -> DataLoader:
+    """Shuffled, rank-sharded batches of ``batch_size`` (the per-rank micro-batch); drops the ragged end."""
+    if len(ds) < batch_size * world_size:
+        raise ValueError(f"the training set has {len(ds)} samples, fewer than one global batch "
+                         f"({batch_size} x {world_size} ranks); raise --train-limit or lower the batch size")
+    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(raw_batches(ds), batch_size=batch_size, sampler=sampler, drop_last=True,
+                      collate_fn=_batch_collate, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=_pin())
+
+
+def eval_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(raw_batches(ds), batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size),
+                      collate_fn=_batch_collate, num_workers=num_workers, pin_memory=_pin())
