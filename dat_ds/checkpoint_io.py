@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .engine import LATEST, load_error_reason
-from .models import NormalizedModel, create_model
+from .models import NormalizedModel, rebuild_model
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 CHECKPOINTS = "checkpoints"
@@ -67,11 +67,11 @@ def read_states(model_file: Path) -> dict:
 def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[str] = None
                ) -> Tuple[NormalizedModel, dict]:
     """Rebuild the model from the recorded ``meta`` (``backbone``/``stem`` override it) and load
-    the weights strictly; returns ``(model in eval mode, meta)``."""
+    the weights strictly; returns ``(model in eval mode, meta)``. A source may rebuild from what
+    the weights themselves hold (a transformers config), so a moved model folder does not matter."""
     state = read_states(model_file)
     meta = {**state["meta"], **{k: v for k, v in (("backbone", backbone), ("stem", stem)) if v}}
-    model = create_model(meta["backbone"], meta["num_classes"], meta["in_chans"], meta["img_size"],
-                         meta["mean"], meta["std"], stem=meta.get("stem", "auto"))
+    model = rebuild_model(meta, state["module"])
     try:
         model.load_state_dict(state["module"], strict=True)
     except RuntimeError as err:
