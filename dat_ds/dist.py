@@ -5,9 +5,10 @@ one-rank world on a free loopback port so every code path (DeepSpeed included) i
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -20,18 +21,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init() -> None:
-    """Join the launcher's world, or make a one-rank world; idempotent."""
+DEFAULT_COMM_TIMEOUT = 600.0  # seconds: DeepSpeed's own default, and far above any one collective
+NCCL_GRACE = 30.0  # nccl's timeout aborts the process itself: it comes after dat-ds's watchdog has spoken
+
+
+def init(timeout: Optional[float] = None) -> None:
+    """Join the launcher's world, or make a one-rank world; idempotent.
+
+    ``timeout`` (seconds, default :data:`DEFAULT_COMM_TIMEOUT`) bounds every collective: gloo
+    raises in the waiting rank, nccl's asynchronous error handling aborts it. A rank that never
+    reaches a collective is caught by :class:`dat_ds.faults.Watchdog` instead.
+    """
     if tdist.is_available() and tdist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    seconds = DEFAULT_COMM_TIMEOUT if timeout is None else float(timeout)
+    if not seconds > 0:
+        raise ValueError(f"--comm-timeout must be > 0 seconds, got {timeout}")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
-    deepspeed.init_distributed(verbose=False)
+    if get_accelerator().communication_backend_name() == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective aborts
+        seconds += NCCL_GRACE
+    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=seconds))
     _unlink_shm_buffer()
 
 
@@ -96,6 +112,22 @@ def all_reduce_sum(values: Sequence[float], dev: torch.device = None) -> list:
     if world_size() > 1:
         tdist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (a few small Python objects, e.g. a status and a message)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def store_address() -> Optional[tuple]:
+    """``(host, port)`` of the rendezvous store the launcher's world was formed on (rank 0 hosts it)."""
+    if world_size() == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def broadcast_object(obj, src: int = 0):

@@ -231,3 +231,148 @@ def test_stop_signal_survives_a_forwarded_sigterm_but_not_a_second_ctrl_c():
         assert stop.signum == signal.SIGINT
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# --- faults a cluster really has: a hung rank, a full disk, a dead loader worker ---------------
+
+FAULT_SCRIPT = ROOT / "tests" / "scripts" / "fault_train.py"
+LAUNCHER_GRACE = 30  # launch.py waits this long after SIGTERM before it SIGKILLs a rank
+
+
+def launch_faulty(args):
+    """``launch`` with the fault settings script (same training as the recipe)."""
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(FAULT_SCRIPT), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def fault_ranks(proc):
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return sorted((k for k in kids if str(FAULT_SCRIPT) in " ".join(k.cmdline()) and "--local_rank" in
+                   " ".join(k.cmdline())), key=lambda k: " ".join(k.cmdline()))
+
+
+def error_lines(log):
+    return [line for line in log.splitlines() if ": error: " in line]
+
+
+def resume_equals_straight(out, straight):
+    r = run_deepspeed(RECIPE, [*RUN, "--output-dir", out, "--resume"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_weights(final_weights(straight), final_weights(out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_within_the_timeout_then_resume_equals_straight_run(tmp_path, straight):
+    """SIGSTOP rank 1 mid-epoch (a frozen process: alive, silent): rank 0 names it and exits 4 after
+    --comm-timeout, the launcher ends the job after its grace period, and --resume continues."""
+    out, timeout = tmp_path / "hung", 15
+    proc = launch_faulty([*RUN, "--output-dir", out, "--comm-timeout", timeout])
+    try:
+        wait_for_mid_epoch_checkpoint(proc, out / "checkpoints")
+        victim = fault_ranks(proc)[1]
+        victim.suspend()
+        t0 = time.monotonic()
+        log = proc.communicate(timeout=timeout + LAUNCHER_GRACE + 90)[0]
+        ended = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 4, log[-3000:]
+    lines = error_lines(log)
+    assert len(lines) == 1 and "rank 1 stopped answering" in lines[0], log[-3000:]
+    assert "--comm-timeout" in lines[0] and "--resume continues" in lines[0]
+    assert ended < timeout + LAUNCHER_GRACE + 30, f"the job ended {ended:.0f} s after the rank stopped"
+    assert "Traceback" not in log, log[-3000:]
+    resume_equals_straight(out, straight)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs for a run's outputs (the tests run as root); skipped where mounting is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_disk(directory):
+    """Fill the file system under ``directory`` to its last block; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_full_disk_ends_the_run_with_one_line_then_resume_equals_straight_run(small_disk, straight, retries):
+    """The disk fills after a mid-epoch checkpoint: the next save fails on rank 0 (and rank 1's own
+    file), every rank agrees, the previous checkpoint stays in charge, metrics.jsonl has no half
+    line; with --save-retries 1 the run goes on once and the second failure in a row ends it."""
+    out = small_disk / "run"
+    proc = launch_faulty([*RUN, "--output-dir", out, "--save-retries", retries])
+    try:
+        wait_for_mid_epoch_checkpoint(proc, out / "checkpoints")
+        filler = fill_disk(small_disk)
+        log = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 5, log[-3000:]
+    lines = error_lines(log)
+    assert lines and all("cannot write" in line and "no space left on the device" in line for line in lines), \
+        log[-3000:]
+    assert {line.split("error: ")[1].split(": ", 1)[1] for line in lines} == {lines[0].split("error: ")[1].split(
+        ": ", 1)[1]}, "every rank names the same path and cause"
+    assert "Traceback" not in log, log[-3000:]
+    assert ("training goes on" in log) == (retries > 0), log[-3000:]
+    ckpts = out / "checkpoints"
+    latest = (ckpts / "latest").read_text()
+    assert (ckpts / latest / COMPLETE).is_file()
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        assert all(json.loads(line) for line in metrics.read_text().splitlines()), "whole lines only"
+        assert metrics.read_text().endswith("\n") or metrics.read_text() == ""
+    filler.unlink()
+    resume_equals_straight(out, straight)
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_ends_the_run_with_one_line_then_resume_works(tmp_path):
+    """SIGKILL one data-loader worker of rank 0 mid-epoch: one line naming it, exit 6, and --resume
+    finishes the run (with workers the batches are the same, the augmentation draws are not)."""
+    out = tmp_path / "workers"
+    args = [*RUN, "--num-workers", "1"]
+    proc = launch_faulty([*args, "--output-dir", out])
+    try:
+        wait_for_mid_epoch_checkpoint(proc, out / "checkpoints")
+        workers = []
+        while not workers and proc.poll() is None:
+            workers = [w for w in fault_ranks(proc)[0].children() if w.is_running()]
+        assert workers, "rank 0 has no loader worker"
+        workers[0].kill()
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 6, log[-3000:]
+    lines = error_lines(log)
+    # torch says "is killed by signal: Killed" or "exited unexpectedly", depending on where it notices
+    assert any("rank 0: data-loader worker (pid" in line and ("killed by signal" in line or "exited unexpectedly" in
+               line) for line in lines), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    r = run_deepspeed(RECIPE, [*args, "--output-dir", out, "--resume"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
