@@ -3,8 +3,8 @@
 Table 1 (large-batch gap): for PGD and FGSM training,
 
 * AT: 1 rank, small batch, SGD with momentum (the centralized baseline);
-* DAT w/o LALR: 2 ranks, large global batch, the same SGD with the LR scaled linearly by the
-  batch (``ds_configs/sgd_momentum.json``'s optimizer and ``base_batch_size``);
+* DAT w/o LALR: 2 ranks, large global batch, the same SGD with ``ds_configs/sgd_momentum.json``'s
+  LR rule (``lr_rule``, ``base_batch_size`` of its scheduler: none, the small-batch LR as it is);
 * DAT: 2 ranks, the same large batch, LAMB with the layerwise adaptive LR.
 
 Table 4 (gradient quantization): DAT-PGD on 2 ranks with fp32 all-reduce and QSGD 16/8/4 bits,
@@ -12,6 +12,8 @@ one-sided (all-gather) and two-sided (parameter server). Every run is the real r
 (``recipes/fashion_mnist_dat.py``) under the ``deepspeed`` launcher; ds_configs are generated
 from the shipped ``ds_configs/fashion_mnist_demo.json`` (batch, schedule) and
 ``ds_configs/sgd_momentum.json`` (optimizer of the baselines), only the batch fields change.
+A few thousand images and one seed cannot settle the large-batch question: ``bench/large_batch.py``
+is the full study (all 60,000 images, LR sweeps on a validation split, seeds, AutoAttack).
 
     python bench/accuracy.py                   # ~15 min on 2 CPU cores
     python bench/accuracy.py --train-limit 1000 --epochs 1 --eval-limit 200 --tables table1
@@ -39,16 +41,16 @@ def load(name: str) -> dict:
 
 
 def ds_config(micro: int, gas: int, lalr: bool) -> dict:
-    """The demo config with this batch; without LALR, the SGD baseline's optimizer and LR scaling."""
+    """The demo config with this batch; without LALR, the SGD baseline's optimizer and LR rule."""
     cfg = load("fashion_mnist_demo.json")
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
     cfg.pop("train_batch_size", None)
     if not lalr:
         sgd = load("sgd_momentum.json")
         cfg["optimizer"] = sgd["optimizer"]
-        base = sgd.get("scheduler", {}).get("params", {}).get("base_batch_size")
-        if base:
-            cfg["scheduler"]["params"]["base_batch_size"] = base
+        rule = sgd.get("scheduler", {}).get("params", {})
+        cfg["scheduler"]["params"].update({k: rule[k] for k in ("lr_rule", "base_batch_size", "warmup_rule")
+                                           if k in rule})
     return cfg
 
 

@@ -8,12 +8,14 @@ schedule. The same code runs on CPU and GPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import dist
 from .registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -171,6 +173,69 @@ def warmup_piecewise(step: int, steps_per_epoch: int, epochs: int, warmup_epochs
     return gamma ** passed
 
 
+# How the peak LR (and optionally the warm-up) grows with global batch / base batch.
+# linear: Goyal et al. 2017 (SGD); sqrt: the rule for adaptive optimizers (You et al. 2019, LAMB).
+LR_RULES = {"none": lambda ratio: 1.0, "linear": lambda ratio: ratio, "sqrt": math.sqrt}
+
+
+@dataclass(frozen=True)
+class LRPlan:
+    """The schedule's numbers resolved for one run: what is printed at start and tested."""
+    lr_scale: float  # peak LR = the optimizer's lr x lr_scale
+    warmup_epochs: float  # after batch scaling and the cap
+    warmup_steps: int
+    global_batch_size: int
+    lr_rule: str = "none"
+    base_batch_size: Optional[int] = None
+
+    def describe(self, base_lr: float) -> str:
+        why = (f"lr {base_lr:g} x {self.lr_rule}({self.global_batch_size}/{self.base_batch_size})"
+               if self.base_batch_size and self.lr_rule != "none" else f"lr {base_lr:g}, no batch scaling")
+        return (f"LR schedule: peak lr {base_lr * self.lr_scale:.4g} ({why}) at global batch "
+                f"{self.global_batch_size}; warm-up {self.warmup_epochs:.3g} epochs ({self.warmup_steps} steps)")
+
+
+def lr_plan(steps_per_epoch: int, epochs: int, global_batch_size: int, warmup_epochs: float = 0.0,
+            base_batch_size: Optional[int] = None, lr_rule: Optional[str] = None, warmup_rule: str = "none",
+            max_warmup_fraction: float = 1.0) -> LRPlan:
+    """Resolve the LR rule: peak LR scale and warm-up length at this global batch.
+
+    ``lr_rule`` (``none`` | ``linear`` | ``sqrt``) scales the optimizer's ``lr`` by
+    ``rule(global_batch / base_batch_size)``; left out, it is ``linear`` when ``base_batch_size`` is
+    set. ``warmup_epochs`` is the warm-up at ``base_batch_size``, scaled by ``warmup_rule`` the same
+    way (gradual warm-up, Goyal et al.), and never longer than ``max_warmup_fraction`` of the run, so
+    a short run is not all warm-up.
+
+    >>> lr_plan(10, 4, 1024, warmup_epochs=1, base_batch_size=256, lr_rule="sqrt").lr_scale
+    2.0
+    """
+    check_lr_rule(warmup_epochs, base_batch_size, lr_rule, warmup_rule, max_warmup_fraction)
+    lr_rule = lr_rule or ("linear" if base_batch_size else "none")
+    ratio = global_batch_size / base_batch_size if base_batch_size else 1.0
+    warm = min(warmup_epochs * LR_RULES[warmup_rule](ratio), max_warmup_fraction * epochs)
+    return LRPlan(LR_RULES[lr_rule](ratio), warm, math.ceil(warm * steps_per_epoch), global_batch_size,
+                  lr_rule, base_batch_size)
+
+
+def check_lr_rule(warmup_epochs: float = 0.0, base_batch_size: Optional[int] = None, lr_rule: Optional[str] = None,
+                  warmup_rule: str = "none", max_warmup_fraction: float = 1.0) -> None:
+    """``ValueError`` naming the first bad LR-rule setting (also usable on a config before a run)."""
+    for name, rule in (("lr_rule", lr_rule), ("warmup_rule", warmup_rule)):
+        if rule is not None and rule not in LR_RULES:
+            raise ValueError(f"scheduler {name} must be one of {', '.join(LR_RULES)}, got {rule!r}")
+    if base_batch_size is not None and (isinstance(base_batch_size, bool) or not isinstance(base_batch_size, int)
+                                        or base_batch_size < 1):
+        raise ValueError(f"scheduler base_batch_size must be a positive integer, got {base_batch_size!r}")
+    if base_batch_size is None and ((lr_rule or "none") != "none" or warmup_rule != "none"):
+        raise ValueError(f"scheduler lr_rule={lr_rule!r} / warmup_rule={warmup_rule!r} scale with global batch / "
+                         f"base_batch_size: set base_batch_size (the batch the lr and warm-up are tuned for)")
+    if not 0 < max_warmup_fraction <= 1:
+        raise ValueError(f"scheduler max_warmup_fraction must lie in (0, 1] (a share of the run), "
+                         f"got {max_warmup_fraction!r}")
+    if warmup_epochs < 0:
+        raise ValueError(f"scheduler warmup_epochs must be >= 0, got {warmup_epochs!r}")
+
+
 def _group_factor(fn, group: dict, steps_per_epoch: int, warmup_steps: float):
     """``fn`` scaled by the group's ``lr_mult``, 0 during its ``frozen_epochs``, then re-warmed."""
     mult, frozen = group.get("lr_mult", 1.0), round(group.get("frozen_epochs", 0.0) * steps_per_epoch)
@@ -183,31 +248,58 @@ def _group_factor(fn, group: dict, steps_per_epoch: int, warmup_steps: float):
     return factor
 
 
-def _lambda_lr(optimizer, fn, steps_per_epoch: int, warmup_steps: float = 0.0) -> LambdaLR:
-    return LambdaLR(optimizer, [_group_factor(fn, g, steps_per_epoch, warmup_steps) for g in optimizer.param_groups])
+class PlannedLR(LambdaLR):
+    """``LambdaLR`` that carries its :class:`LRPlan`; the plan stays out of ``state_dict`` (it is
+    rebuilt from the config), so checkpoints keep loading with ``weights_only=True``."""
+
+    def __init__(self, optimizer, lr_lambda, plan: LRPlan):
+        self.lr_plan = plan
+        super().__init__(optimizer, lr_lambda)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("lr_plan", None)
+        return state
+
+
+def _lambda_lr(optimizer, fn, steps_per_epoch: int, plan: LRPlan) -> LambdaLR:
+    return PlannedLR(optimizer, [_group_factor(fn, g, steps_per_epoch, plan.warmup_steps)
+                                 for g in optimizer.param_groups], plan)
 
 
 @SCHEDULERS.register("WarmupPiecewise")
 def _warmup_piecewise(optimizer, steps_per_epoch, epochs, global_batch_size, warmup_epochs=0.0,
-                      milestones=(0.5, 0.75), gamma=0.1, base_batch_size: Optional[int] = None):
-    """``base_batch_size`` set: lr is scaled by ``global_batch / base_batch_size`` (Goyal et al. 2017)."""
-    if warmup_epochs < 0 or not all(0 < m < 1 for m in milestones) or list(milestones) != sorted(milestones):
+                      milestones=(0.5, 0.75), gamma=0.1, base_batch_size: Optional[int] = None,
+                      lr_rule: Optional[str] = None, warmup_rule: str = "none", max_warmup_fraction: float = 1.0):
+    """Linear warm-up to the peak LR, then ``gamma`` at each milestone (fractions of the run).
+
+    The peak LR and warm-up follow the global batch through :func:`lr_plan`.
+    """
+    if not all(0 < m < 1 for m in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"scheduler needs warmup_epochs >= 0 and increasing milestones in (0, 1) "
                          f"(fractions of the run), got warmup_epochs={warmup_epochs} milestones={list(milestones)}")
-    scale = global_batch_size / base_batch_size if base_batch_size else 1.0
-    return _lambda_lr(optimizer, lambda s: scale * warmup_piecewise(s, steps_per_epoch, epochs, warmup_epochs,
-                                                                      milestones, gamma),
-                      steps_per_epoch, warmup_epochs * steps_per_epoch)
+    plan = lr_plan(steps_per_epoch, epochs, global_batch_size, warmup_epochs, base_batch_size, lr_rule,
+                   warmup_rule, max_warmup_fraction)
+    warm = plan.warmup_steps / steps_per_epoch
+    return _lambda_lr(optimizer, lambda s: plan.lr_scale * warmup_piecewise(s, steps_per_epoch, epochs, warm,
+                                                                              milestones, gamma),
+                      steps_per_epoch, plan)
 
 
 @SCHEDULERS.register("Constant")
-def _constant(optimizer, steps_per_epoch, epochs, global_batch_size):
-    return _lambda_lr(optimizer, lambda s: 1.0, steps_per_epoch)
+def _constant(optimizer, steps_per_epoch, epochs, global_batch_size, base_batch_size: Optional[int] = None,
+              lr_rule: Optional[str] = None):
+    plan = lr_plan(steps_per_epoch, epochs, global_batch_size, 0.0, base_batch_size, lr_rule)
+    return _lambda_lr(optimizer, lambda s: plan.lr_scale, steps_per_epoch, plan)
 
 
 def create_scheduler(spec: Optional[dict], optimizer: Optimizer, steps_per_epoch: int, epochs: int,
-                     global_batch_size: int):
+                     global_batch_size: int, verbose: bool = True):
+    """Build the ds_config's ``"scheduler"``; the main rank prints the resolved peak LR and warm-up."""
     spec = spec or {"type": "Constant"}
-    return SCHEDULERS.create(spec.get("type", "WarmupPiecewise"), optimizer=optimizer,
-                             steps_per_epoch=steps_per_epoch, epochs=epochs,
-                             global_batch_size=global_batch_size, **spec.get("params", {}))
+    sched = SCHEDULERS.create(spec.get("type", "WarmupPiecewise"), optimizer=optimizer,
+                              steps_per_epoch=steps_per_epoch, epochs=epochs,
+                              global_batch_size=global_batch_size, **spec.get("params", {}))
+    if verbose and dist.is_main():
+        print(sched.lr_plan.describe(optimizer.defaults["lr"]), flush=True)
+    return sched

@@ -6,7 +6,8 @@
 
 --data-dir holds the standard python batches (cifar-10-batches-py/ or cifar-100-python/).
 Defaults: PGD-10 at eps 8/255, step 2/255 (Madry et al.), random crop + flip, LAMB with
-layerwise adaptive LR (ds_configs/lamb_fp32.json; lamb_bf16.json on GPUs).
+layerwise adaptive LR (ds_configs/lamb_fp32.json; lamb_bf16.json on GPUs), its peak LR scaled by
+sqrt(global batch / 128) (the config's lr_rule).
 """
 from dat_ds import cli, dist
 from dat_ds.trainer import train

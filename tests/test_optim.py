@@ -1,8 +1,10 @@
 
+import io
+
 import pytest
 import torch
 
-from dat_ds.optim import Lamb, create_optimizer, create_scheduler, warmup_piecewise
+from dat_ds.optim import Lamb, check_lr_rule, create_optimizer, create_scheduler, lr_plan, warmup_piecewise
 
 
 def reference_lamb_step(params, grads, lr, betas, eps, wd, c_l, c_u, state, t):
@@ -85,3 +87,71 @@ def test_scheduler_scales_lr_with_global_batch():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.04)
     with pytest.raises(ValueError, match="milestones in \\(0, 1\\)"):
         create_scheduler({"params": {"milestones": [5, 8]}}, opt, 4, 2, 1024)
+
+
+@pytest.mark.parametrize("rule, scale", [("none", 1.0), ("linear", 8.0), ("sqrt", 8 ** 0.5)])
+def test_lr_rule_sets_the_peak_lr(rule, scale, capsys):
+    opt = create_optimizer({"type": "Lamb", "params": {"lr": 0.01}}, torch.nn.Linear(2, 2))
+    sched = create_scheduler({"type": "WarmupPiecewise", "params": {"lr_rule": rule, "base_batch_size": 128,
+                                                                    "milestones": [0.5]}},
+                             opt, steps_per_epoch=10, epochs=4, global_batch_size=1024)
+    assert sched.lr_plan.lr_scale == pytest.approx(scale)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * scale)  # no warm-up: the peak at once
+    assert f"peak lr {0.01 * scale:.4g}" in capsys.readouterr().out
+
+
+def test_warmup_scales_with_the_batch_and_is_capped_by_a_share_of_the_run():
+    plan = lr_plan(steps_per_epoch=10, epochs=20, global_batch_size=1024, warmup_epochs=1, base_batch_size=128,
+                   lr_rule="linear", warmup_rule="linear")
+    assert (plan.lr_scale, plan.warmup_epochs, plan.warmup_steps) == (8.0, 8.0, 80)  # 1 epoch at 128 -> 8 at 1024
+    short = lr_plan(steps_per_epoch=10, epochs=2, global_batch_size=1024, warmup_epochs=1, base_batch_size=128,
+                    warmup_rule="linear", max_warmup_fraction=0.25)
+    assert short.warmup_epochs == 0.5 and short.warmup_steps == 5
+    assert lr_plan(10, 2, 1024, warmup_epochs=3).lr_scale == 1.0  # no base batch: no scaling
+
+
+def test_capped_warmup_ramps_linearly_to_the_scaled_peak():
+    opt = create_optimizer({"type": "SGD", "params": {"lr": 0.1}}, torch.nn.Linear(2, 2))
+    sched = create_scheduler({"type": "WarmupPiecewise",
+                              "params": {"warmup_epochs": 5, "max_warmup_fraction": 0.2, "base_batch_size": 256,
+                                         "lr_rule": "linear", "milestones": [0.9]}},
+                             opt, steps_per_epoch=10, epochs=2, global_batch_size=512, verbose=False)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2]) and lrs[4:] == pytest.approx([0.2] * 6)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"lr_rule": "cubic", "base_batch_size": 128}, "lr_rule must be one of none, linear, sqrt, got 'cubic'"),
+    ({"lr_rule": "sqrt"}, "set base_batch_size"),
+    ({"warmup_rule": "linear"}, "set base_batch_size"),
+    ({"base_batch_size": 0}, "base_batch_size must be a positive integer"),
+    ({"max_warmup_fraction": 0}, "max_warmup_fraction must lie in \\(0, 1\\]"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+])
+def test_lr_rule_settings_are_checked(params, message):
+    opt = create_optimizer({"type": "SGD", "params": {"lr": 0.1}}, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=message):
+        create_scheduler({"type": "WarmupPiecewise", "params": params}, opt, 4, 2, 1024)
+    with pytest.raises(ValueError, match=message):
+        check_lr_rule(**params)
+
+
+def test_scheduler_state_loads_weights_only():
+    """The LR plan is rebuilt from the config, not pickled: checkpoints stay plain tensors and numbers."""
+    opt = create_optimizer({"type": "Lamb", "params": {"lr": 0.01}}, torch.nn.Linear(2, 2))
+    spec = {"type": "WarmupPiecewise", "params": {"lr_rule": "sqrt", "base_batch_size": 128, "warmup_epochs": 1}}
+    sched = create_scheduler(spec, opt, 10, 4, 512, verbose=False)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    again = create_scheduler(spec, opt, 10, 4, 512, verbose=False)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.last_epoch == 3 and again.get_last_lr() == sched.get_last_lr()
+    assert again.lr_plan == sched.lr_plan

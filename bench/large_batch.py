@@ -1,0 +1,522 @@
+"""Large-batch DAT against small-batch AT on full Fashion-MNIST (the DAT paper's Table 1 and Figure 2).
+
+The question: at the same number of epochs, does DAT with LAMB (layerwise adaptive LR) at 8x and
+16x the AT batch keep AT's robust accuracy, while momentum SGD (DAT w/o LALR) and linearly
+scaled SGD with gradual warm-up (DAT-LSGD) lose it?
+
+Design (every choice on a validation split, the test set only for the final table):
+
+* data: the 60,000 Fashion-MNIST training images; the last ``--holdout`` of them are the
+  validation split (never trained on: the recipe's ``--holdout``, which also keeps the best epoch
+  by validation PGD accuracy); the 10,000 test images are used only by ``evaluate``;
+* methods: AT at global batch ``--at-batch`` with momentum SGD (``--at-lamb``: also LAMB), DAT
+  at 8x and 16x that batch with LAMB, SGD (w/o LALR) and LSGD; global batch = 2 ranks x
+  ``--micro`` x gradient accumulation (accumulation is the same arithmetic as more ranks;
+  BatchNorm sees ``--micro`` samples in every run); optimizers and LR rules come from the shipped
+  ds_configs (``lamb_fp32.json``, ``sgd_momentum.json``, ``lsgd.json``) with only the batch fields
+  and the LR multiplier replaced;
+* ``sweep``: PGD training, seed 0, each method at its sweep batch (AT batch for AT, 8x for DAT)
+  with the config's LR times each multiplier of the method's grid; the best multiplier by
+  validation PGD accuracy is used for every final run of that method. At 16x the config's LR
+  rule (``lr_rule``) scales it: 16x tests the rule, not a second sweep. LSGD is AT-SGD's chosen
+  LR scaled linearly with the batch plus gradual warm-up (Goyal et al.), so it has no sweep;
+* ``final``: PGD training at every batch and FGSM-RS training at AT's batch and ``--fgsm-scales``,
+  ``--seeds`` seeds each (the sweep's seed-0 run is reused);
+* ``ema``: AT-SGD and DAT-LAMB 8x again with ``"ema"`` in the ds_config;
+* ``evaluate``: PGD-10 on the 10,000 test images and AutoAttack (standard) on the first
+  ``--aa-limit`` of them, through ``recipes/evaluate.py``, on the validation-best checkpoint.
+
+Every run goes through the real recipe under the ``deepspeed`` launcher. A finished run is
+stored in ``bench/results/large_batch_runs/<key>.json`` and skipped when started again, so the
+study runs in parts::
+
+    python bench/large_batch.py --plan                          # what is done, what is left, estimate
+    python bench/large_batch.py --part sweep --max-minutes 60   # a slice; run again to go on
+    python bench/large_batch.py --part final ema evaluate
+    python bench/large_batch.py --part table                    # large_batch.json + plot from stored runs
+
+``--part pilot`` trains one AT and one DAT run on a slice of the data (stored apart, never in
+the table) to time them and check the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import RESULTS, machine, save  # noqa: E402
+
+RUNS = RESULTS / "large_batch_runs"
+PARTS = ("pilot", "sweep", "final", "ema", "evaluate", "table")
+ATTACK_LABEL = {"pgd": "PGD", "fgsm_rs": "FGSM"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One optimizer set-up: its shipped ds_config and the LR multipliers its sweep tries."""
+    name: str  # "AT" or "DAT"
+    optimizer: str  # row label: LAMB, SGD, LSGD
+    config: str  # ds_configs/<config>
+    scale: int  # global batch = scale x --at-batch
+    lr_grid: tuple  # multipliers of the config's lr; () = no sweep of its own (LSGD: AT's choice)
+
+
+def methods(scales=(8, 16), at_lamb: bool = False) -> List[Method]:
+    """AT (small batch) and DAT (large batches), each optimizer with its sweep grid.
+
+    SGD w/o LALR keeps the small-batch LR unless the sweep finds a larger one, so its grid reaches
+    further up. LSGD is defined by AT's LR: it takes AT-SGD's chosen multiplier, scaled linearly
+    with the batch by ``lsgd.json``'s rule, with gradual warm-up (Goyal et al.), so it has no grid.
+    """
+    out = [Method("AT", "SGD", "sgd_momentum.json", 1, (0.5, 1.0, 2.0))]
+    if at_lamb:
+        out.append(Method("AT", "LAMB", "lamb_fp32.json", 1, (0.5, 1.0, 2.0)))
+    for s in scales:
+        out += [Method("DAT", "LAMB", "lamb_fp32.json", s, (0.5, 1.0, 2.0)),
+                Method("DAT", "SGD", "sgd_momentum.json", s, (1.0, 2.0, 4.0)),
+                Method("DAT", "LSGD", "lsgd.json", s, ())]
+    return out
+
+
+@dataclass(frozen=True)
+class Run:
+    method: Method
+    attack: str
+    seed: int
+    lr_mult: float
+    phase: str  # sweep | final | ema | pilot
+    ema: bool = False
+
+    def key(self, args) -> str:
+        m = self.method
+        return (f"{self.phase}-{self.attack}-{m.name}-{m.optimizer}-b{m.scale * args.at_batch}-lr{self.lr_mult:g}"
+                f"-s{self.seed}{'-ema' if self.ema else ''}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.name}-{self.method.optimizer}" + (" + EMA" if self.ema else "")
+
+
+# --- configs and subprocesses ----------------------------------------------------------------
+
+def ds_config(run: Run, args) -> dict:
+    """The shipped config of the run's optimizer with this batch, LR multiplier and (maybe) EMA."""
+    cfg = json.loads((ROOT / "ds_configs" / run.method.config).read_text())
+    global_batch = run.method.scale * args.at_batch
+    if global_batch % (args.ranks * args.micro):
+        raise ValueError(f"global batch {global_batch} is not a multiple of {args.ranks} ranks x micro {args.micro}")
+    cfg.pop("train_batch_size", None)
+    cfg.update(train_micro_batch_size_per_gpu=args.micro,
+               gradient_accumulation_steps=global_batch // (args.ranks * args.micro))
+    cfg["optimizer"]["params"]["lr"] = cfg["optimizer"]["params"]["lr"] * run.lr_mult
+    if run.ema:
+        cfg["ema"] = {"decay": args.ema_decay, "warmup": True}
+    return cfg
+
+
+def launch(script: List[str], args, log: Path, port: int) -> Tuple[int, float]:
+    """``deepspeed --num_gpus ranks`` (CPU ranks without GPUs) on a recipe, output to ``log``;
+    returns the exit code and the CPU seconds of the whole process tree (less sensitive than wall
+    time to other work on a shared machine)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(port), *script]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    before = _children_cpu()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    return code, _children_cpu() - before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train(run: Run, args, port: int) -> dict:
+    """Train one run through ``recipes/fashion_mnist_dat.py``; returns what the table needs."""
+    key = run.key(args)
+    out = Path(args.workdir) / key
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out.with_suffix(".ds_config.json")
+    cfg_path.write_text(json.dumps(ds_config(run, args), indent=1))
+    recipe = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(cfg_path), "--backbone", args.backbone,
+              "--stem", args.stem, "--eps", str(args.eps), "--attack", run.attack, "--epochs", str(args.epochs),
+              "--holdout", str(args.holdout), "--eval-limit", str(args.train_eval_limit),
+              "--eval-steps", "10", "--seed", str(run.seed), "--output-dir", str(out), "--resume"]
+    if run.attack == "pgd":
+        recipe += ["--steps", str(args.pgd_steps)]
+    if args.train_limit:
+        recipe += ["--train-limit", str(args.train_limit + args.holdout)]
+    t0 = time.perf_counter()
+    code, cpu_s = launch(recipe, args, out.with_suffix(".log"), port)
+    if code != 0:
+        raise RuntimeError(f"{key}: exit code {code}; see {out.with_suffix('.log')}")
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if run.ema and "ema" not in summary:
+        raise RuntimeError(f"{key}: the trainer ignored the ds_config's \"ema\" block (no \"ema\" in summary.json)")
+    return {"key": key, "run": {**asdict(run), "method": asdict(run.method)}, "output_dir": _relative(out),
+            "global_batch_size": summary["global_batch_size"], "updates": summary["global_step"],
+            "epochs": args.epochs, "peak_lr": _peak_lr(out.with_suffix(".log")),
+            "val_robust_acc": max((e.get("holdout_pgd_acc", 0.0) for e in epochs), default=None),
+            "val_clean_acc": max((e.get("holdout_clean_acc", 0.0) for e in epochs), default=None),
+            "best_epoch": summary.get("best_epoch"), "stopped_early": summary.get("stopped_early"),
+            "train_wall_s": time.perf_counter() - t0, "train_cpu_s": cpu_s, "compute_s": summary["compute_s"],
+            "load_avg_1m": os.getloadavg()[0],
+            "train_images": (args.train_limit or 60000 - args.holdout),
+            "curve": [[e["epoch"] + 1, e.get("holdout_pgd_acc")] for e in epochs],
+            "settings": {k: getattr(args, k) for k in ("backbone", "stem", "eps", "pgd_steps", "holdout", "micro",
+                                                       "ranks", "train_limit")}}
+
+
+def _peak_lr(log: Path) -> Optional[float]:
+    """The peak LR the run printed at start (``LR schedule: peak lr X ...``)."""
+    found = re.search(r"LR schedule: peak lr ([0-9.eE+-]+)", log.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (results files then hold no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def evaluate(record: dict, args, port: int) -> dict:
+    """PGD-10 on the test images and AutoAttack on the first ``--aa-limit``, validation-best weights."""
+    out = ROOT / record["output_dir"]
+    best = out / "checkpoints" / "best"
+    ckpt = str(best if best.is_dir() else out)
+    common = ["recipes/evaluate.py", "--checkpoint", ckpt, "--eps-sweep", "--steps-sweep", "--batch-size", "250"]
+    result = {"eval_walls": {}, "eval_cpu": {}}
+    passes = [("pgd", ["--pgd-steps", "10", "--no-autoattack"] + _limit(args.test_limit))]
+    if args.aa_limit and record["run"]["seed"] < args.aa_seeds:
+        passes.append(("autoattack", ["--pgd-steps", "1", "--autoattack", "--eval-limit", str(args.aa_limit)]))
+    for name, flags in passes:
+        eval_dir = out / f"eval_{name}"
+        log = out.with_suffix(f".eval_{name}.log")
+        t0 = time.perf_counter()
+        code, cpu_s = launch(common + flags + ["--output-dir", str(eval_dir)], args, log, port)
+        if code != 0:
+            raise RuntimeError(f"{record['key']}: evaluation exit code {code}; see {log}")
+        s = json.loads((eval_dir / "eval_summary.json").read_text())
+        if record["run"]["ema"] and s.get("weights") != "ema":
+            raise RuntimeError(f"{record['key']}: recipes/evaluate.py did not evaluate the EMA weights of this "
+                               f"EMA run (its eval_summary.json has no \"weights\": \"ema\")")
+        result["eval_walls"][name] = [time.perf_counter() - t0, s["eval_samples"]]
+        result["eval_cpu"][name] = [cpu_s, s["eval_samples"]]
+        if name == "pgd":
+            result.update(clean_acc=s["clean_acc"], robust_acc=s["pgd"][0]["robust_acc"],
+                          test_samples=s["eval_samples"])
+        else:
+            result.update(autoattack_acc=s["autoattack"]["robust_acc"], autoattack_samples=s["eval_samples"])
+    result["eval_wall_s"] = sum(wall for wall, _ in result["eval_walls"].values())
+    return result
+
+
+def _limit(n: Optional[int]) -> list:
+    return ["--eval-limit", str(n)] if n else []
+
+
+# --- the study's plan ------------------------------------------------------------------------
+
+def load_record(key: str) -> Optional[dict]:
+    path = RUNS / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def store(record: dict) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    tmp = RUNS / f".{record['key']}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, RUNS / f"{record['key']}.json")
+
+
+def all_methods(args) -> List[Method]:
+    return methods(args.scales, args.at_lamb)
+
+
+def sweep_runs(args) -> List[Run]:
+    return [Run(m, "pgd", 0, mult, "sweep") for m in all_methods(args)
+            if m.scale in (1, min(args.scales)) for mult in m.lr_grid]
+
+
+def chosen_mult(method: Method, args) -> Optional[float]:
+    """The sweep's best LR multiplier for ``method`` (by validation PGD accuracy), or None if unswept.
+
+    The sweep runs at 8x for DAT; a DAT method at another scale takes its 8x choice; LSGD takes
+    AT-SGD's.
+    """
+    if not method.lr_grid:
+        return chosen_mult(all_methods(args)[0], args)
+    swept = Method(method.name, method.optimizer, method.config, 1 if method.name == "AT" else min(args.scales),
+                   method.lr_grid)
+    records = [load_record(Run(swept, "pgd", 0, mult, "sweep").key(args)) for mult in swept.lr_grid]
+    if any(r is None for r in records):
+        return None
+    best = max(records, key=lambda r: (r["val_robust_acc"], r["val_clean_acc"]))
+    return best["run"]["lr_mult"]
+
+
+def final_runs(args, phase: str = "final", choose=None) -> List[Run]:
+    """Every final run whose method's LR is chosen; the sweep's seed-0 PGD run stands for its own.
+
+    FGSM-RS runs cover AT and the batches in ``--fgsm-scales``.
+    """
+    runs, choose = [], choose or chosen_mult
+    for m in all_methods(args):
+        mult = choose(m, args)
+        if mult is None:
+            continue
+        if phase == "ema":
+            if (m.name, m.optimizer, m.scale) in (("AT", "SGD", 1), ("DAT", "LAMB", min(args.scales))):
+                runs += [Run(m, "pgd", s, mult, "ema", ema=True) for s in range(args.seeds)]
+            continue
+        for attack in args.attacks:
+            if attack == "fgsm_rs" and m.scale not in (1, *args.fgsm_scales):
+                continue
+            for seed in range(args.seeds):
+                swept = attack == "pgd" and seed == 0 and m.lr_grid and m.scale in (1, min(args.scales))
+                runs.append(Run(m, attack, seed, mult, "sweep" if swept else "final"))
+    return runs
+
+
+def pilot_runs(args) -> List[Run]:
+    at, dat = methods(args.scales)[0], methods(args.scales)[1]
+    return [Run(at, "pgd", 0, 1.0, "pilot"), Run(dat, "pgd", 0, 1.0, "pilot")]
+
+
+def execute(runs: List[Run], args, deadline: float, evaluate_too: bool) -> None:
+    """Train (and evaluate) every run not stored yet, until ``deadline``."""
+    for i, run in enumerate(runs):
+        key = run.key(args)
+        record = load_record(key)
+        if record is not None and (not evaluate_too or "robust_acc" in record):
+            continue
+        if time.time() > deadline:
+            print(f"--max-minutes reached: stopping before {key}; run again to continue", flush=True)
+            return
+        port = 29500 + (os.getpid() + i) % 400
+        if record is None:
+            print(f"train {key} ...", flush=True)
+            record = train(run, args, port)
+            store(record)
+            print(f"  val RA {_pct(record['val_robust_acc'])}, {record['updates']} updates, "
+                  f"{record['train_wall_s']:.0f} s", flush=True)
+        if evaluate_too and "robust_acc" not in record:
+            if time.time() > deadline:
+                print(f"--max-minutes reached: {key} trained, not evaluated yet", flush=True)
+                return
+            print(f"evaluate {key} ...", flush=True)
+            record.update(evaluate(record, args, port))
+            store(record)
+            print(f"  TA {_pct(record['clean_acc'])}, RA {_pct(record['robust_acc'])}, "
+                  f"AA {_pct(record.get('autoattack_acc'))}, {record['eval_wall_s']:.0f} s", flush=True)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+# --- the table -------------------------------------------------------------------------------
+
+def rows(args) -> List[dict]:
+    """One row per (attack, method, optimizer, batch, EMA) over its evaluated seeds."""
+    groups: Dict[tuple, list] = {}
+    for run in final_runs(args) + final_runs(args, "ema"):
+        rec = load_record(run.key(args))
+        if rec is not None and "robust_acc" in rec:
+            m = run.method
+            groups.setdefault((run.attack, m.name, m.optimizer, m.scale, run.ema), []).append(rec)
+    out = []
+    for (attack, name, opt, scale, ema), recs in sorted(groups.items(), key=lambda g: (g[0][0] != "pgd", g[0][3],
+                                                                                        g[0][1:3], g[0][4])):
+        ra = [r["robust_acc"] for r in recs]
+        aa = [r["autoattack_acc"] for r in recs if r.get("autoattack_acc") is not None]
+        out.append({"method": f"{name}-{ATTACK_LABEL[attack]}" + (" + EMA" if ema else ""), "attack": attack,
+                    "optimizer": opt, "global_batch_size": recs[0]["global_batch_size"], "ema": ema,
+                    "seeds": len(recs), "lr_mult": recs[0]["run"]["lr_mult"], "peak_lr": recs[0]["peak_lr"],
+                    "clean_acc_mean": statistics.fmean(r["clean_acc"] for r in recs),
+                    "robust_acc_mean": statistics.fmean(ra),
+                    "robust_acc_std": statistics.stdev(ra) if len(ra) > 1 else None,
+                    "autoattack_acc_mean": statistics.fmean(aa) if aa else None, "autoattack_seeds": len(aa),
+                    "updates": recs[0]["updates"], "epochs": recs[0]["epochs"],
+                    "wall_s": statistics.fmean(r["train_wall_s"] + r.get("eval_wall_s", 0) for r in recs)})
+    return out
+
+
+def sweep_table(args) -> List[dict]:
+    out = []
+    for run in sweep_runs(args):
+        rec = load_record(run.key(args))
+        if rec is not None:
+            out.append({"method": run.label, "global_batch_size": rec["global_batch_size"],
+                        "lr_mult": run.lr_mult, "peak_lr": rec["peak_lr"], "val_robust_acc": rec["val_robust_acc"],
+                        "val_clean_acc": rec["val_clean_acc"], "updates": rec["updates"],
+                        "wall_s": rec["train_wall_s"]})
+    return out
+
+
+def notes(table: List[dict], args) -> List[str]:
+    """The issue's goal checked on the rows: DAT-LAMB at 8x within 2 points of AT, and the gap w/o LALR."""
+    out = []
+    for attack in args.attacks:
+        by = {(r["method"], r["optimizer"], r["global_batch_size"]): r for r in table if r["attack"] == attack}
+        label = ATTACK_LABEL[attack]
+        at = by.get((f"AT-{label}", "SGD", args.at_batch))
+        big = min(args.scales) * args.at_batch
+        lamb, sgd = by.get((f"DAT-{label}", "LAMB", big)), by.get((f"DAT-{label}", "SGD", big))
+        if not (at and lamb):
+            out.append(f"{label}: AT and DAT-LAMB at {big} are not both evaluated yet")
+            continue
+        gap = 100 * (lamb["robust_acc_mean"] - at["robust_acc_mean"])
+        verdict = "met" if gap >= -2 else "not met"
+        line = (f"{label}: RA AT {100 * at['robust_acc_mean']:.1f} % vs DAT-LAMB at {big} "
+                f"{100 * lamb['robust_acc_mean']:.1f} % ({gap:+.1f} points, goal within 2: {verdict})")
+        if sgd:
+            line += (f"; DAT w/o LALR {100 * sgd['robust_acc_mean']:.1f} % "
+                     f"({100 * (sgd['robust_acc_mean'] - lamb['robust_acc_mean']):+.1f} points vs LAMB)")
+        out.append(line + f"; {lamb['updates']} updates against AT's {at['updates']}")
+    return out
+
+
+def write_table(args) -> Path:
+    table = rows(args)
+    payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
+               "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
+               "notes": notes(table, args) + [
+                   f"{args.seeds} seeds per final row, PGD-10 on {args.test_limit or 10000} test images, AutoAttack "
+                   f"(standard) on the first {args.aa_limit} for the first {args.aa_seeds} seed(s); LR multipliers "
+                   f"chosen on the validation split "
+                   f"({args.holdout} held-out training images), the weights of the validation-best epoch"]}
+    return save("large_batch", payload)
+
+
+def settings(args) -> dict:
+    return {"dataset": "fashion_mnist (60,000 train, 10,000 test)", "backbone": args.backbone, "stem": args.stem,
+            "eps": args.eps, "train_attack": f"pgd-{args.pgd_steps} / fgsm_rs", "epochs": args.epochs,
+            "holdout": args.holdout, "ranks": args.ranks, "micro": args.micro, "at_batch": args.at_batch,
+            "scales": list(args.scales), "seeds": args.seeds, "aa_limit": args.aa_limit,
+            "configs": "lamb_fp32.json / sgd_momentum.json / lsgd.json, batch fields and lr multiplier replaced"}
+
+
+def rates() -> dict:
+    """CPU seconds per training image-epoch, per PGD-10 test image and per AutoAttack image, from
+    the stored runs (pilot included)."""
+    found = {"train": [], "pgd": [], "autoattack": []}
+    for path in sorted(RUNS.glob("*.json")) if RUNS.is_dir() else []:
+        rec = json.loads(path.read_text())
+        found["train"].append(rec["train_cpu_s"] / (rec["epochs"] * rec["train_images"]))
+        for name, (cpu, n) in rec.get("eval_cpu", {}).items():
+            found[name].append(cpu / n)
+    return {k: statistics.fmean(v) for k, v in found.items() if v}
+
+
+def plan(args) -> None:
+    """What is stored, what is left, and an estimate: CPU seconds of the stored runs per image, over
+    ``--ranks`` busy cores (a quiet machine; each run also pays ~1 min of start-up per launch)."""
+    r = rates()
+    cores = args.ranks
+    train_s = r.get("train", math.nan) * args.epochs * (60000 - args.holdout) / cores
+    aa_share = min(args.aa_seeds, args.seeds) / args.seeds if args.aa_limit else 0.0
+    eval_s = (r.get("pgd", math.nan) * (args.test_limit or 10000)
+              + (r.get("autoattack", math.nan) * args.aa_limit * aa_share if aa_share else 0.0)) / cores
+    print(f"per run on {cores} quiet cores: about {train_s / 60:.1f} min of training, {eval_s / 60:.1f} min of "
+          f"evaluation (PGD-10 on {args.test_limit or 10000} test images, AutoAttack on {args.aa_limit} for "
+          f"{min(args.aa_seeds, args.seeds)} of {args.seeds} seeds); "
+          f"nan: nothing stored to estimate from")
+    groups = {"sweep": sweep_runs(args), "final": final_runs(args), "ema": final_runs(args, "ema")}
+    total = 0.0
+    for name, runs in groups.items():
+        records = [load_record(run.key(args)) for run in runs]
+        trained = sum(rec is not None for rec in records)
+        evaluated = sum(rec is not None and "robust_acc" in rec for rec in records)
+        left = (len(runs) - trained) * train_s + (0 if name == "sweep" else (len(runs) - evaluated) * eval_s)
+        total += left
+        print(f"{name:>6}: {len(runs)} runs, {trained} trained, {evaluated} evaluated; about {left / 60:.0f} min left")
+    if not groups["final"]:
+        n_final = len(final_runs_if_swept(args))
+        total += n_final * (train_s + eval_s)
+        print(f" final + ema: {n_final} runs once the LR sweep is done (--part sweep), about "
+              f"{n_final * (train_s + eval_s) / 60:.0f} min")
+    print(f"total left: about {total / 3600:.1f} h")
+
+
+def final_runs_if_swept(args) -> List[Run]:
+    """The final and EMA runs as they will be once the sweep has chosen (multiplier 1 as a stand-in)."""
+    def stand_in(method, args):
+        return 1.0
+    return [r for r in final_runs(args, choose=stand_in) + final_runs(args, "ema", choose=stand_in)
+            if r.phase != "sweep"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", nargs="+", default=["sweep", "final", "ema", "evaluate", "table"], choices=PARTS)
+    p.add_argument("--plan", action="store_true", help="print what is stored and what is left, then exit")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
+    p.add_argument("--backbone", default="test_resnet")
+    p.add_argument("--stem", default="native")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps of PGD training")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--holdout", type=int, default=5000, help="validation split: the last N training images")
+    p.add_argument("--at-batch", type=int, default=128, help="AT's global batch; DAT runs at --scales times it")
+    p.add_argument("--scales", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--micro", type=int, default=64, help="per-rank micro batch of every run")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACK_LABEL), choices=list(ATTACK_LABEL))
+    p.add_argument("--fgsm-scales", type=int, nargs="*", default=[8], help="DAT batches (x AT's) of FGSM-RS runs")
+    p.add_argument("--at-lamb", action="store_true", help="also AT with LAMB at the small batch (sweep and rows)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--test-limit", type=int, default=None, help="PGD-10 test images (default: all 10,000)")
+    p.add_argument("--aa-limit", type=int, default=1000,
+                   help="AutoAttack test images (0: none); about 0.5 CPU s per image even for test_resnet")
+    p.add_argument("--aa-seeds", type=int, default=1, help="AutoAttack on the runs of the first N seeds")
+    p.add_argument("--train-eval-limit", type=int, default=200,
+                   help="test images of the recipe's per-epoch check (not used by the study)")
+    p.add_argument("--train-limit", type=int, default=None, help="pilot: training images besides the holdout")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "large_batch"), help="run folders (checkpoints, logs)")
+    args = p.parse_args(argv)
+    args.scales = sorted(args.scales)
+    if args.plan:
+        return plan(args)
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    if "pilot" in args.part:
+        args.train_limit = args.train_limit or 4000
+        args.holdout, args.test_limit, args.aa_limit = min(args.holdout, 1000), 1000, min(args.aa_limit, 100)
+        args.aa_seeds = 1
+        args.workdir = str(Path(args.workdir) / "pilot")
+        execute(pilot_runs(args), args, deadline, evaluate_too=True)
+        return
+    if args.train_limit:
+        raise ValueError("--train-limit is for --part pilot only: the study trains on the full training set")
+    if "sweep" in args.part:
+        execute(sweep_runs(args), args, deadline, evaluate_too=False)
+    if "final" in args.part:
+        execute(final_runs(args), args, deadline, evaluate_too=False)
+    if "ema" in args.part:
+        execute(final_runs(args, "ema"), args, deadline, evaluate_too=False)
+    if "evaluate" in args.part:
+        execute(final_runs(args) + final_runs(args, "ema"), args, deadline, evaluate_too=True)
+    if "table" in args.part or "evaluate" in args.part:
+        print(f"written: {write_table(args)}")
+
+
+if __name__ == "__main__":
+    main()
