@@ -14,7 +14,7 @@ NGPU    := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 LAUNCH  := $(if $(filter 0,$(NGPU)),--num_gpus 2,)
 PYTEST  := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup data demo test test-slow bench clean
+.PHONY: setup data demo test test-slow bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -44,7 +44,8 @@ test: setup data
 test-slow: setup data
 	$(PYTEST) -m slow
 
-# ~30 min on 2 CPU cores; the link benchmark needs root (without it, its table says so)
+# hours on 2 CPU cores (the large-batch study alone ~2 h, resumable: finished runs are kept);
+# the link benchmark needs root (without it, its table says so)
 bench: setup data
 	$(PY) bench/step_cost.py --repeats 3
 	$(PY) bench/engine_overhead.py
@@ -53,6 +54,14 @@ bench: setup data
 	$(PY) bench/accuracy.py
 	$(PY) bench/semisup.py
 	$(PY) bench/transfer.py
+	$(PY) bench/loader_bench.py
+	$(PY) bench/fault_bench.py
+	$(PY) bench/large_batch.py --max-minutes 120
+	$(PY) bench/report.py
+
+# on a CUDA machine (< 8 min on one GPU): GPU step costs, syncs, codecs, nccl, fused LAMB -> bench/results/gpu.json
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 	$(PY) bench/report.py
 
 clean:

@@ -19,6 +19,7 @@ setup(
         "timm>=1.0",
         "deepspeed>=0.16",
         "datasets>=2.19",
+        "transformers>=4.40",  # --backbone transformers:NAME_OR_PATH (AutoModelForImageClassification)
         "wandb>=0.17",
         "numpy",
         "tqdm",

@@ -64,11 +64,16 @@ def read_states(model_file: Path) -> dict:
     return state
 
 
-def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[str] = None
-               ) -> Tuple[NormalizedModel, dict]:
+def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[str] = None,
+               weights: str = "ema") -> Tuple[NormalizedModel, dict]:
     """Rebuild the model from the recorded ``meta`` (``backbone``/``stem`` override it) and load
     the weights strictly; returns ``(model in eval mode, meta)``. A source may rebuild from what
-    the weights themselves hold (a transformers config), so a moved model folder does not matter."""
+    the weights themselves hold (a transformers config), so a moved model folder does not matter.
+
+    ``weights="ema"`` loads the exponential moving average of the weights when the run kept one
+    (``meta["weights"]`` says which were loaded); ``"raw"`` the optimizer's own weights."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"--weights must be ema or raw, got {weights!r}")
     state = read_states(model_file)
     meta = {**state["meta"], **{k: v for k, v in (("backbone", backbone), ("stem", stem)) if v}}
     model = rebuild_model(meta, state["module"])
@@ -77,7 +82,25 @@ def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[
     except RuntimeError as err:
         raise ValueError(f"checkpoint {model_file} does not fit backbone {meta['backbone']!r} "
                          f"(stem {meta.get('stem', 'auto')!r}): {_mismatch(model, state['module'], err)}") from None
+    meta["weights"] = "raw"
+    average = _ema_state(model_file) if weights == "ema" else None
+    if average:
+        model.load_state_dict({**model.state_dict(), **average["params"], **average["buffers"]}, strict=True)
+        meta["weights"] = "ema"
     return model.eval(), meta
+
+
+def _ema_state(model_file: Path) -> Optional[dict]:
+    """The weights' EMA saved beside ``model_file`` (in rank 0's state), or None."""
+    rank_file = Path(model_file).with_name("rank0.pt")
+    if not rank_file.is_file():
+        return None
+    try:
+        state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(f"cannot read checkpoint {rank_file} (refused, corrupt or truncated): "
+                         f"{load_error_reason(err)}") from None
+    return state.get("ema") or None
 
 
 def _mismatch(model: torch.nn.Module, weights: dict, err: RuntimeError) -> str:

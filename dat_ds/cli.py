@@ -1,19 +1,26 @@
 """Command-line plumbing shared by the recipes: flags in, a plain ``TrainConfig`` out.
 
 The library never sees ``argparse``; a recipe calls :func:`parser` with its own defaults,
-then :func:`train_config` and :func:`run`. Bad input ends the process with one line on
-stderr and exit code 2.
+then :func:`train_config` and :func:`run`. The flags of the components (attack, objective,
+compressor, dataset) are derived from the settings each registered component declares in its
+signature (``Registry.settings``): a flag the chosen component does not take is an error that
+names the flag and the component. ``--plugin MODULE`` imports a module (a dotted name or a
+``.py`` file) that registers more components before the flags are built. Bad input ends the
+process with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
-from . import attacks, compress, objectives
-from .data import DATASETS
+PLUGINS_ENV = "DAT_DS_PLUGINS"  # comma-separated modules, loaded like --plugin
 
 
 def number(text: str) -> float:
@@ -32,42 +39,207 @@ def rank_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of ranks: {text!r}") from None
 
 
+# --- plugins ----------------------------------------------------------------------------------
+
+def load_plugins(argv: Optional[List[str]] = None) -> List[str]:
+    """Import the modules named by ``--plugin`` in ``argv`` (and ``$DAT_DS_PLUGINS``); they
+    register attacks, objectives, compressors, datasets or backbone sources. Returns their names."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = [n for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            names.append(arg.split("=", 1)[1])
+    for name in names:
+        _import_plugin(name.strip())
+    return names
+
+
+def _import_plugin(name: str) -> None:
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"--plugin {name}: no such file")
+        module_name = f"dat_ds_plugin_{path.stem}"
+        if module_name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"--plugin {name}: cannot import it ({err})") from None
+
+
+# --- component settings -----------------------------------------------------------------------
+
+@dataclass
+class Component:
+    """One kind of registered component chosen by a flag (``--attack``) with settings of its own."""
+    kind: str  # "attack", "loss", "compressor", "dataset"
+    flag: str  # the TrainConfig field naming the choice
+    target: str  # the TrainConfig field taking its settings
+    settings: Callable[[str], dict]  # name -> {setting: default}
+    all_names: Callable[[], List[str]]
+
+
+def components() -> List[Component]:
+    from . import attacks, compress, objectives
+    from .trainer.config import dataset_settings
+    from . import data
+    dataset_names = getattr(data, "dataset_names", lambda: list(data.DATASETS))
+    return [Component("attack", "attack", "attack_kwargs", attacks.ATTACKS.settings, attacks.names),
+            Component("loss", "loss", "loss_kwargs", objectives.OBJECTIVES.settings, objectives.names),
+            Component("compressor", "compressor", "compressor_kwargs", compress.COMPRESSORS.settings, compress.names),
+            Component("dataset", "dataset", "dataset_kwargs", dataset_settings, dataset_names)]
+
+
+# Settings that have a flag of another name, and settings a recipe flag sets outside the component.
+FLAG_NAMES = {("compressor", "momentum"): "sign_momentum"}
+NOT_FLAGS = {("attack", "eps")}  # --eps is a run setting (the evaluation uses it too)
+
+# Help and parsing of the settings the built-in components declare; others get a generic flag.
+SETTING_HELP = {
+    "alpha": dict(type=number, help="attack step size (default: the attack's own rule)"),
+    "steps": dict(type=int, help="attack steps (PGD-k: 10), or the replays m of free (4)"),
+    "tau": dict(type=int, help="conadv: staleness of the attack's weights, in updates (1)"),
+    "bn_mode": dict(choices=("eval", "train"), help="BatchNorm mode during the attack (eval)"),
+    "random_start": dict(action=argparse.BooleanOptionalAction, help="PGD: start from a random point in the ball"),
+    "lam": dict(type=float, help="mix: weight of the robust loss (1)"),
+    "beta": dict(type=float, help="trades: weight of the KL term (6)"),
+    "sigma": dict(type=number, help="smoothing: std of the Gaussian noise, in [0,1] pixels (0.25)"),
+    "noise_copies": dict(type=int, metavar="M", help="smoothing: noise draws per sample (per-rank batch = M x micro)"),
+    "bits": dict(type=int, help="qsgd: bits per coordinate (1..8, or 16; default 8)"),
+    "bucket_size": dict(type=int, help="values per norm/scale bucket (qsgd 512, ef_sign 2048)"),
+    "topology": dict(help="one-sided: all-gather of compressed gradients; two-sided: parameter server "
+                          "(every rank serves a 1/N shard and re-compresses the aggregate)"),
+    "sign_momentum": dict(type=float, help="sign_vote: momentum (Signum); 0 = signSGD"),
+    "byzantine_ranks": dict(type=rank_list, metavar="R1,R2", help="experiments: ranks that send corrupted gradients"),
+    "byzantine_mode": dict(help="flip (-g), random (noise of |g|), scale (-100 g)"),
+    "hf_split": dict(metavar="TRAIN,TEST", help="hf: split names (default: train and the first of test/validation)"),
+    "image_column": dict(help="hf: the image column (default: the Image feature)"),
+    "label_column": dict(help="hf: the label column (default: the ClassLabel, else label/labels)"),
+    "cache_dir": dict(help="hf: cache folder (default: HF_DATASETS_CACHE; never inside --data-dir)"),
+    "mean": dict(metavar="M1,M2,M3", help="hf: normalization mean (default: measured on a sample)"),
+    "std": dict(metavar="S1,S2,S3", help="hf: normalization std (default: measured on a sample)"),
+    "stats_samples": dict(type=int, help="hf: images that measure mean/std (1000)"),
+}
+
+
+def _flag(kind: str, setting: str) -> str:
+    return FLAG_NAMES.get((kind, setting), setting)
+
+
+def _generic(default) -> dict:
+    """Parsing for a setting no table entry describes, from its default value."""
+    if isinstance(default, bool):
+        return dict(action=argparse.BooleanOptionalAction)
+    if isinstance(default, int):
+        return dict(type=int)
+    if isinstance(default, float):
+        return dict(type=number)
+    return dict(type=str)
+
+
+def _setting_table() -> Dict[str, dict]:
+    """``{flag dest: {"takers": {(kind, name): setting}, "default": first default seen}}``."""
+    table: Dict[str, dict] = {}
+    for comp in components():
+        for name in comp.all_names():
+            for setting, default in comp.settings(name).items():
+                if (comp.kind, setting) in NOT_FLAGS:
+                    continue
+                entry = table.setdefault(_flag(comp.kind, setting), {"takers": {}, "default": default})
+                entry["takers"][(comp.kind, name)] = setting
+    return table
+
+
+def _add_setting_flags(p: argparse.ArgumentParser, table: Dict[str, dict]) -> None:
+    groups = {kind: p.add_argument_group(f"{kind} settings (only the chosen {kind}'s; the default is its own)")
+              for kind in ("attack", "loss", "compressor", "dataset")}
+    taken = {dest for a in p._actions for dest in [a.dest]}
+    for dest, entry in sorted(table.items()):
+        if dest in taken:
+            raise ValueError(f"setting {dest!r} of {_takers(entry)} clashes with the flag "
+                             f"--{dest.replace('_', '-')}")
+        kind = next(iter(entry["takers"]))[0]
+        spec = dict(SETTING_HELP.get(dest) or _generic(entry["default"]))
+        spec["help"] = (spec.get("help") or "") + f" [{_takers(entry)}]"
+        groups[kind].add_argument(f"--{dest.replace('_', '-')}", dest=dest, default=None, **spec)
+
+
+def _takers(entry: dict) -> str:
+    return ", ".join(f"{kind} {name}" for kind, name in entry["takers"])
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+class RecipeParser(argparse.ArgumentParser):
+    """Records which flags the user gave (``args._given``), so that a setting given to a
+    component that does not take it is an error, and a recipe's default is passed only where it
+    applies."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        ns, rest = super().parse_known_args(args, namespace)
+        ns._given = self._given_dests(args)
+        return ns, rest
+
+    def _given_dests(self, args) -> set:
+        saved = [(a, a.default) for a in self._actions]
+        saved_defaults = dict(self._defaults)
+        try:
+            for a in self._actions:
+                a.default = argparse.SUPPRESS
+            self._defaults.clear()
+            ns, _ = argparse.ArgumentParser.parse_known_args(self, args, None)
+        finally:
+            for a, d in saved:
+                a.default = d
+            self._defaults.update(saved_defaults)
+        return set(vars(ns))
+
+
 def parser(description: str, **defaults) -> argparse.ArgumentParser:
     """The contract every recipe keeps; ``defaults`` set the recipe's own starting values."""
     import deepspeed
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from . import attacks, compress, objectives
+    load_plugins()
+    from . import data
+    dataset_names = list(getattr(data, "dataset_names", lambda: list(data.DATASETS))())
+    p = RecipeParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (dotted name or .py file) first: it may register attacks, losses, "
+                        f"compressors, datasets or backbone sources (also ${PLUGINS_ENV})")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion_mnist",
-                   help=" | ".join(DATASETS))
+    g.add_argument("--dataset", default="fashion_mnist", help=" | ".join(dataset_names))
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
-    g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training samples")
-    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+    g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only N training samples")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only N test samples")
     g.add_argument("--classes", default=None, metavar="IDS",
                    help="train and test on these classes only, e.g. 0-4 or 5,6,7,8,9 (labels become 0..k-1 in "
                         "the listed order; the checkpoint records the original ids)")
     g.add_argument("--img-size", type=int, default=None, help="input resolution (imagefolder)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet18", help="any timm model name")
+    g.add_argument("--backbone", default="resnet18",
+                   help="NAME or timm:NAME (any timm model), or transformers:NAME_OR_PATH (a save_pretrained "
+                        "folder or a hub id)")
     g.add_argument("--stem", default="auto", choices=("auto", "small", "native"),
                    help="small: 3x3 stride-1 stem for small images (auto: inputs <= 64 px); native: timm's stem")
-    g = p.add_argument_group("attack (inner maximization)")
+    g = p.add_argument_group("training method")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
                    help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")
     g.add_argument("--eps", type=number, default=0.1,
                    help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
-    g.add_argument("--alpha", type=number, default=None, help="step size (default: the attack's own rule)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="attack steps (PGD-k; default 10), or the replays m of free (default 4)")
-    g.add_argument("--tau", type=int, default=1, help="conadv: staleness of the attack's weights, in updates")
-    g.add_argument("--bn-mode", default="eval", choices=attacks.BN_MODES, help="BatchNorm mode during the attack")
-    g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
-    g = p.add_argument_group("objective")
     g.add_argument("--loss", default="madry", choices=objectives.names(),
                    help="madry: CE(x_adv); mix: CE(x) + lam CE(x_adv); trades: CE(x) + beta KL(f(x)||f(x_adv))")
-    g.add_argument("--lam", type=float, default=1.0, help="mix: weight of the robust loss")
-    g.add_argument("--beta", type=float, default=6.0, help="trades: weight of the KL term")
+    g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
     g = p.add_argument_group("held-out check (FGSM safety)")
     g.add_argument("--holdout", type=int, default=None,
                    help="training samples held out for a per-epoch PGD/FGSM check (default: for fgsm_rs "
@@ -87,16 +259,6 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--compressor", default="none", choices=compress.names(),
                    help="none: fp32 all-reduce; qsgd: b-bit QSGD; sign_vote: signSGD/Signum majority vote; "
                         "ef_sign: scaled sign with error feedback")
-    g.add_argument("--bits", type=int, default=8, help="qsgd: bits per coordinate (1..8, or 16)")
-    g.add_argument("--bucket-size", type=int, default=None, help="qsgd/ef_sign: values per norm/scale bucket")
-    g.add_argument("--topology", default="one-sided", choices=compress.TOPOLOGIES,
-                   help="one-sided: all-gather of compressed gradients; two-sided: parameter server "
-                        "(every rank serves a 1/N shard and re-compresses the aggregate)")
-    g.add_argument("--sign-momentum", type=float, default=0.0, help="sign_vote: momentum (Signum); 0 = signSGD")
-    g.add_argument("--byzantine-ranks", type=rank_list, default=(), metavar="R1,R2",
-                   help="experiments: ranks that send corrupted gradients")
-    g.add_argument("--byzantine-mode", default=None, choices=compress.BYZANTINE_MODES,
-                   help="flip (-g), random (noise of |g|), scale (-100 g)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/dat")
     g.add_argument("--resume", action="store_true",
@@ -108,18 +270,58 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                         "(0: never stop)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="dat-ds")
+    g = p.add_argument_group("faults")
+    g.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a rank with no step progress, or waiting in one collective, this long ends the run "
+                        "(exit 4) naming the rank that stopped answering; --resume continues")
+    g.add_argument("--save-retries", type=int, default=0, metavar="N",
+                   help="failed checkpoint/log writes in a row (disk full, read-only) the run survives; "
+                        "one more ends it (exit 5)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     deepspeed.add_config_arguments(p)
+    _add_setting_flags(p, _setting_table())
     p.set_defaults(deepspeed_config="ds_configs/lamb_fp32.json")
     p.set_defaults(**defaults)
     return p
 
 
 def train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` of parsed flags; component settings go to the chosen components.
+
+    A setting flag the user gave that none of the chosen components takes raises ``ValueError``
+    naming the flag and the component; a recipe's default for a setting goes only to the
+    components that take it.
+    """
     from .trainer import TrainConfig
     fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = getattr(args, "_given", set(vars(args)))
+    chosen = {comp.kind: (comp, getattr(cfg, comp.flag)) for comp in components()}
+    for dest, entry in _setting_table().items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        routed = False
+        for (kind, name), setting in entry["takers"].items():
+            comp, chosen_name = chosen[kind]
+            if _same_component(kind, name, chosen_name):
+                getattr(cfg, comp.target).setdefault(setting, value)
+                routed = True
+        if not routed and dest in given:
+            raise ValueError(f"--{dest.replace('_', '-')} is not a setting of {_chosen_text(chosen, entry)}; "
+                             f"it belongs to {_takers(entry)}")
+    return cfg
+
+
+def _same_component(kind: str, registered: str, chosen: str) -> bool:
+    # datasets with a prefix (hf:NAME) register the prefix
+    return registered == chosen or (kind == "dataset" and registered.endswith(":") and chosen.startswith(registered))
+
+
+def _chosen_text(chosen: dict, entry: dict) -> str:
+    kinds = dict.fromkeys(kind for kind, _ in entry["takers"])
+    return " or ".join(f"{kind} {chosen[kind][1]!r}" for kind in kinds)
 
 
 def run(fn: Callable[[], Optional[dict]]) -> None:
@@ -147,8 +349,6 @@ def run(fn: Callable[[], Optional[dict]]) -> None:
 def _one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
 def print_summary(summary: dict) -> None:
     """The end-of-run table: clean accuracy (TA) and PGD robust accuracy (RA)."""
     if "clean_acc" not in summary:  # the run stopped early on request (--stop-after)

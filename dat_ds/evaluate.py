@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import attacks, dist
 from .attacks import Attack
-from .data import ShardSampler, _batch_collate
+from .data import ShardSampler, _batch_collate, raw_batches, to_device
 
 
 def accuracy_counts(model: nn.Module, loader: Iterable, attack: Optional[Attack],
@@ -30,7 +30,7 @@ def accuracy_counts(model: nn.Module, loader: Iterable, attack: Optional[Attack]
     model.eval()
     clean = robust = total = 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, y, device)
         with torch.no_grad():
             pred = model(x).argmax(1)
         clean += (pred == y).sum()
@@ -211,13 +211,14 @@ def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     sampler = BlockSampler(len(dataset), batch_size, dist.rank(), dist.world_size())
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_batch_collate, num_workers=num_workers)
+    loader = DataLoader(raw_batches(dataset), batch_sampler=sampler, collate_fn=_batch_collate, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available())
     table = torch.zeros(len(dataset), 2 + len(specs), dtype=torch.int64)  # label, clean, one column per spec
     was_training = model.training
     model.eval()
     bar = _bar(len(sampler), progress)
     for (start, stop), (x, y) in zip(sampler.ranges(), loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, y, device)
         with torch.no_grad():
             clean = model(x).argmax(1) == y
         cols = [y, clean, *(spec.correct(model, x, y, clean, (seed, start)) for spec in specs)]

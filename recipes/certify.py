@@ -146,7 +146,8 @@ def main():
     check_args(args)
     model, meta = checkpoint_io.load_model(model_file)
     from dat_ds.data import load_dataset
-    test = load_dataset(meta["dataset"], args.data_dir, img_size=meta["img_size"], classes=meta.get("classes")).test
+    test = load_dataset(meta["dataset"], args.data_dir, img_size=meta["img_size"], classes=meta.get("classes"),
+                        **meta.get("dataset_settings", {})).test
     indices = list(range(0, len(test), args.skip))[:args.eval_limit]
     out = Path(args.output_dir) if args.output_dir else (run_dir or model_file.parent) / "certify"
 

@@ -20,7 +20,7 @@ import torch
 
 from dat_ds import attacks, cli, dist
 from dat_ds.checkpoint_io import find_checkpoint, load_model, run_dir
-from dat_ds.data import load_dataset
+from dat_ds.data import dataset_names, load_dataset
 from dat_ds.evaluate import NORMS, AutoAttackSpec, PGDSpec, plot_sweep, sample_table
 from dat_ds.metrics import write_json_atomic
 
@@ -34,10 +34,14 @@ def parser() -> argparse.ArgumentParser:
                    help="run folder, its checkpoints/ folder, a tag folder or a model-states file")
     p.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
     g = p.add_argument_group("model and data (default: what the checkpoint records)")
-    g.add_argument("--backbone", default=None, help="rebuild the model as this timm backbone instead")
+    g.add_argument("--backbone", default=None,
+                   help="rebuild the model as this backbone instead (NAME, timm:NAME or transformers:PATH)")
+    g.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                   help="ema: the weights' moving average when the run kept one (ds_config \"ema\"), else the "
+                        "weights; raw: the optimizer's weights")
     g.add_argument("--stem", default=None, choices=("auto", "small", "native"),
                    help="rebuild with this stem instead")
-    g.add_argument("--dataset", default=None, help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+    g.add_argument("--dataset", default=None, help=" | ".join(dataset_names()))
     g.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR, imagefolder)")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
     g.add_argument("--classes", default=None, metavar="IDS",
@@ -162,11 +166,12 @@ def print_report(summary: dict, out: Path) -> None:
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     model_file = find_checkpoint(args.checkpoint)
-    model, meta = load_model(model_file, args.backbone, args.stem)
+    model, meta = load_model(model_file, args.backbone, args.stem, args.weights)
     specs = make_specs(args, meta)
     same = args.dataset in (None, meta["dataset"])
     data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,
-                        img_size=meta["img_size"], classes=args.classes or (meta.get("classes") if same else None))
+                        img_size=meta["img_size"], classes=args.classes or (meta.get("classes") if same else None),
+                        **(meta.get("dataset_settings", {}) if same else {}))
     check_data(data, meta)
     if "RANK" in os.environ:  # under a launcher; one process needs no process group
         dist.init()
@@ -177,6 +182,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
     settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
                 "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
+                "weights": meta["weights"],
                 "eps": specs["eps"], "seed": args.seed,
                 "batch_size": args.batch_size, "world_size": dist.world_size(), "eval_s": time.perf_counter() - t0}
     summary = summarize(table, specs, settings)

@@ -12,30 +12,21 @@ use m in 1..8 and 1..10 steps); ``--eps 0`` is Gaussian data augmentation (Cohen
 ``robust_acc`` in the summary is PGD-L2 on the base classifier; certified accuracy of the
 smoothed classifier comes from ``recipes/certify.py``.
 """
-import dat_ds.smoothing  # noqa: F401  (registers smooth_pgd_l2 and the smooth loss before the parser reads the registries)
 from dat_ds import cli, dist
 from dat_ds.trainer import train
 
 
 def build_parser():
-    p = cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", attack="smooth_pgd_l2",
-                   loss="smooth", eps=0.5, alpha=None, steps=2, epochs=5, output_dir="runs/smooth_at")
-    g = p.add_argument_group("randomized smoothing")
-    g.add_argument("--sigma", type=cli.number, default=0.25, help="std of the Gaussian noise, in [0,1] pixels")
-    g.add_argument("--noise-copies", type=int, default=4, metavar="M",
-                   help="noise draws per sample for the attack and the loss (per-rank batch = M x micro)")
-    return p
+    # --sigma and --noise-copies are settings of the smooth attack and loss: the flags come with them
+    return cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", attack="smooth_pgd_l2",
+                      loss="smooth", eps=0.5, steps=2, sigma=0.25, noise_copies=4, epochs=5,
+                      output_dir="runs/smooth_at")
 
 
 def main():
     args = build_parser().parse_args()
     cfg = cli.train_config(args)
-    noise = {"sigma": args.sigma, "noise_copies": args.noise_copies}
-    if args.attack == "smooth_pgd_l2":
-        cfg.attack_kwargs = dict(noise)
-    if args.loss == "smooth":
-        cfg.loss_kwargs = dict(noise)
-    if not cfg.attack_kwargs and not cfg.loss_kwargs:
+    if "sigma" not in cfg.attack_kwargs and "sigma" not in cfg.loss_kwargs:
         raise ValueError(f"--attack {args.attack} with --loss {args.loss} uses no noise; "
                          f"pick --attack smooth_pgd_l2 and/or --loss smooth")
     summary = train(cfg)

@@ -11,8 +11,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long end-to-end runs (make test-slow)")
+def pytest_collection_modifyitems(config, items):
+    """Tests that start real ranks are marked ``distributed``; ``gpu`` ones skip without CUDA."""
+    import inspect
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if "run_deepspeed" in source or "deepspeed_launch" in source:
+            item.add_marker(pytest.mark.distributed)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,8 @@ def robust_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def suite(robust_run):
-    """The full suite on 48 test images, output to the default <run>/eval, logged to offline W&B."""
-    r = run_recipe(["--checkpoint", robust_run, "--eval-limit", "48", "--batch-size", "48",
+    """The full suite on 16 test images, output to the default <run>/eval, logged to offline W&B."""
+    r = run_recipe(["--checkpoint", robust_run, "--eval-limit", "16", "--batch-size", "16",
                     "--pgd-steps", "10", "50", "--restarts", "1", "5", "--eps-sweep", "0", "0.05", "0.1", "0.15",
                     "0.2", "0.3", "--steps-sweep", "1", "3", "10", "--wandb"],
                    env={"WANDB_MODE": "offline"}, script=EVAL)
@@ -83,13 +83,13 @@ def test_outputs_have_the_documented_keys(suite):
     s, out = suite
     assert SUMMARY_KEYS <= set(s)
     assert s["model"]["backbone"] == "test_resnet" and s["eps"] == 0.1 and s["norm"] == "linf"
-    assert s["eval_samples"] == 48 and s["world_size"] == 1
+    assert s["eval_samples"] == 16 and s["world_size"] == 1
     assert all(set(r) == PGD_KEYS for r in s["pgd"] + s["eps_sweep"] + s["steps_sweep"])
     assert s["autoattack"] == {"eps": 0.1, "version": "standard", "norm": "linf", "robust_acc": pytest.approx(
         s["autoattack"]["robust_acc"])}
     with open(out / "per_sample.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 48 and [int(r["index"]) for r in rows] == list(range(48))
+    assert len(rows) == 16 and [int(r["index"]) for r in rows] == list(range(16))
     assert list(rows[0])[:3] == ["index", "label", "clean"] and set(list(rows[0])[3:]) == set(s["columns"])
     for name, record in s["columns"].items():
         flags = np.array([int(r[name]) for r in rows])

@@ -55,7 +55,7 @@ def main():
     bad = range(args.samples) if args.poison == "all" else [int(i) for i in args.poison.split(",") if i]
     data.train = Poisoned(data.train, bad)
     if args.recipe:
-        cfg = TrainConfig(backbone="test_resnet", stem="native", epochs=1, steps=1, eval_steps=1,
+        cfg = TrainConfig(backbone="test_resnet", stem="native", epochs=1, attack_kwargs={"steps": 1}, eval_steps=1,
                           deepspeed_config=str(ROOT / "tests" / "configs" / "tiny_lamb.json"), output_dir=args.out,
                           max_nonfinite=args.max_nonfinite)
         train(cfg, data)

@@ -1,0 +1,149 @@
+"""One training epoch, one direction (paper Algorithm 1):
+
+data -> oracle on ``engine.module`` (input gradients only, no communication) -> loss ->
+``engine.backward`` (local gradients) -> compressor (the only gradient communication) ->
+``engine.step``.
+
+The oracle's step shape (:mod:`dat_ds.attacks.shapes`) decides how minibatches become steps;
+the loop runs whatever shape the attack declares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+
+from .. import attacks, compress, objectives
+from ..attacks.shapes import StepContext
+from ..data import to_device
+from ..engine import autocast, exchange_gradients
+from ..guard import StepGuard, skip_step
+from ..timing import Timers
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands: what a mid-epoch checkpoint records and a resumed epoch starts from."""
+    epoch: int = 0
+    done: int = 0  # minibatches trained
+    drawn: int = 0  # minibatches taken from the loader (a look-ahead shape holds one more, in ``carry``)
+    carry: dict = field(default_factory=dict)
+
+    def where(self) -> str:
+        return f"epoch {self.epoch}, batch {self.done}"
+
+
+class Totals:
+    """Running loss and byte counts of an epoch, kept on the device (no per-step host sync)."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.seen = self.bytes = self.steps = self.skipped = 0
+
+    def add(self, loss, n, sent, engine, progress, skipped=False):
+        if skipped:  # a skipped step's loss is not finite: it stays out of the mean
+            self.skipped += 1
+        else:
+            self.loss += loss.detach().float() * n
+            self.seen += n
+        self.bytes, self.steps = self.bytes + sent, self.steps + 1
+        if progress is not None:
+            progress.update(1)
+            if self.steps % 10 == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+
+    def result(self) -> dict:
+        return {"train_loss": (self.loss / max(self.seen, 1)).item(), "bytes_sent": self.bytes,
+                "micro_steps": self.steps}
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.item(), "seen": self.seen, "bytes": self.bytes, "steps": self.steps,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.fill_(state["loss"])
+        self.seen, self.bytes, self.steps = state["seen"], state["bytes"], state["steps"]
+        self.skipped = state.get("skipped", 0)
+
+
+def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.Tensor,
+           guard: Optional[StepGuard] = None, where: str = "") -> Tuple[int, bool]:
+    """Backward, gradient exchange at accumulation boundaries, optimizer step.
+
+    Returns ``(bytes sent, skipped)``: with a ``guard``, a step whose loss or gradients are not
+    finite on any rank is skipped on every rank (no exchange, no update).
+    """
+    with timers("backward"):
+        engine.backward(loss)
+    sent, skipped_before = 0, engine.skipped_steps
+    boundary = engine.is_gradient_accumulation_boundary()
+    if boundary:
+        if guard is not None:
+            with timers("step"):
+                skip = guard.agree(loss, [p.grad for p in engine.module.parameters() if p.grad is not None])
+            if skip:
+                with timers("step"):
+                    skip_step(engine)
+                return 0, guard.stepped(skipped_before, where)
+        with timers("codec"):  # encode + decode; the collectives' own time moves to "comm"
+            stats = exchange_gradients(engine, compressor)
+        timers.move("codec", "comm", stats.comm_seconds, stats.comm_events)
+        sent = stats.bytes_sent
+    with timers("step"):
+        engine.step()
+    skipped = guard.stepped(skipped_before, where) if guard is not None and boundary else False
+    return sent, skipped
+
+
+def step_context(engine, timers: Timers, carry: Optional[dict] = None) -> StepContext:
+    """What a step shape may use: ``engine.module`` for the attack, timers, the engine's autocast."""
+    return StepContext(engine.module, timers, lambda: autocast(engine), {} if carry is None else carry)
+
+
+def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Compressor, timers: Timers,
+                objective: Optional[objectives.Objective] = None, progress=None,
+                guard: Optional[StepGuard] = None, state: Optional[EpochState] = None,
+                totals: Optional[Totals] = None, at_boundary: Optional[Callable] = None, ema=None) -> dict:
+    """One pass over this rank's shard; returns the mean loss, bytes sent, the step count and
+    ``"stopped": True`` when ``at_boundary`` ended it early.
+
+    ``at_boundary(state, totals)`` runs after every optimizer step that completes a minibatch (all
+    replays of Free-m, a full gradient accumulation) and returns True to stop; ``state`` and
+    ``totals`` resume an epoch part-way (the loader must then start at ``state.drawn``).
+    """
+    state = state or EpochState()
+    totals = totals or Totals(engine.device)
+    objective = objective or objectives.Madry()
+    ctx = step_context(engine, timers, state.carry)
+    batches = _counted(_to_device(loader, engine.device), state)
+    for x, y, micro_steps in attack.shape.minibatches(ctx, batches, attack):
+        boundary = False
+        for x_adv, after in micro_steps:
+            if guard is not None:
+                guard.begin_micro_step()
+            with timers("forward"):
+                loss = objective(engine, x, x_adv, y)
+            boundary = engine.is_gradient_accumulation_boundary()
+            sent, skipped = update(engine, compressor, timers, loss, guard, state.where())
+            if ema is not None and boundary and not skipped:
+                with timers("step"):
+                    ema.update()
+            if after is not None:
+                after(skipped)
+            totals.add(loss, len(y), sent, engine, progress, skipped)
+        state.done += 1
+        if boundary and at_boundary is not None and at_boundary(state, totals):
+            return {**totals.result(), "stopped": True}
+    return totals.result()
+
+
+def _to_device(loader, device) -> Iterator:
+    for x, y in loader:
+        yield to_device(x, y, device)
+
+
+def _counted(batches: Iterator, state: EpochState) -> Iterator:
+    for batch in batches:
+        state.drawn += 1
+        yield batch

@@ -1,0 +1,271 @@
+"""``train(cfg)``: a whole DAT run, read as setup, epoch loop, summary."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import attacks, dist, ema, faults
+from ..checkpoint import BEST, SaveRetries
+from ..data import DatasetInfo, bad_samples, eval_loader, load_dataset, start_epoch, train_loader
+from ..engine import autocast, initialize, load_config, resolve_batch, restore_best
+from ..evaluate import evaluate
+from ..guard import StepGuard, StopRequested, StopSignal
+from ..metrics import RunLogger
+from ..timing import Timers
+from ..models import create_model
+from . import state as ckpt
+from .config import TrainConfig
+from .holdout import OverfitWatch, holdout_check
+from .loop import EpochState, Totals, train_epoch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """The pieces of one run, built by :func:`setup` and used by the epoch loop."""
+    cfg: TrainConfig
+    ds_cfg: dict
+    data: DatasetInfo
+    engine: object
+    attack: object
+    eval_attack: object
+    objective: object
+    compressor: object
+    loader: object
+    test_loader: object
+    holdout_loader: object
+    passes: int
+    updates_per_minibatch: int
+    micro: int
+    gas: int
+    global_batch: int
+    meta: dict
+    out: Path
+    ckpt_dir: Path
+    guard: StepGuard
+    stop: StopSignal
+    progress: ckpt.Progress
+    timers: Timers
+    saves: SaveRetries
+    watchdog: faults.Watchdog  # started by train(); beats and pauses are no-ops before
+    last_save: int = 0
+    bad_seen: int = 0  # unreadable samples this rank had met when the last epoch ended
+    ema: Optional[ema.WeightEma] = None  # the ds_config's "ema": evaluation uses its weights
+
+
+def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, loader_fn: Optional[Callable] = None,
+          model_fn: Optional[Callable] = None) -> dict:
+    """Run DAT end to end; returns the summary that is also written to ``summary.json``.
+
+    ``loader_fn(train_set, micro_batch, rank, world_size, seed, num_workers)`` replaces
+    :func:`train_loader` (e.g. labeled + pseudo-labeled batches); its ``sampler`` needs ``set_epoch``.
+    ``model_fn(model)`` runs on the freshly built model before DeepSpeed takes it (e.g. loading a
+    pre-trained backbone).
+    """
+    with faults.exit_on_fault():
+        run = setup(cfg, data, loader_fn, model_fn)
+    # the step clock runs only inside train_epoch; collectives elsewhere keep the process-group timeout
+    with run.watchdog, faults.exit_on_fault(run.watchdog), run.watchdog.paused():
+        return _train(run, cfg)
+
+
+def _train(run: Run, cfg: TrainConfig) -> dict:
+    begin, partial = EpochState(), None
+    if cfg.resume:
+        begin, partial = ckpt.resume(run.engine, run.ckpt_dir, run.meta, run.attack, run.compressor, run.progress,
+                                     run.guard, run.ema)
+    logger = faults.run_agreed(lambda: RunLogger(
+        run.out, dataclasses.asdict(cfg) | {"world_size": dist.world_size(), "global_batch_size": run.global_batch,
+                                            "passes": run.passes},
+        cfg.wandb, cfg.wandb_project, resume=cfg.resume and (begin.epoch > 0 or begin.done > 0),
+        first_epoch=begin.epoch))
+    run.last_save = run.engine.global_steps
+    stopped_early = False
+    with run.stop:
+        for epoch in range(begin.epoch, run.passes):
+            state = begin if epoch == begin.epoch else EpochState(epoch)
+            hold = run_epoch(run, state, partial if epoch == begin.epoch else None)
+            run.saves(faults.run_agreed, lambda: logger.log_epoch(run.progress.row))
+            _report(run.progress.row)
+            run.saves(ckpt.save, run.engine, run.ckpt_dir, EpochState(epoch + 1), run.progress, run.meta,
+                      ckpt.capture(run.engine, run.attack, run.compressor, ema=run.ema), run.guard,
+                      best=hold.get("holdout_best", False))
+            run.last_save = run.engine.global_steps
+            if run.guard.stop_agreed() and epoch + 1 < run.passes:
+                _stopped(run.guard, EpochState(epoch + 1), run.ckpt_dir)
+            if hold.get("catastrophic_overfitting") and cfg.early_stop:
+                stopped_early = True
+                break
+            if cfg.stop_after is not None and epoch + 1 - begin.epoch >= cfg.stop_after and epoch + 1 < run.passes:
+                if dist.is_main():
+                    print(f"stopping after {cfg.stop_after} epoch(s) as asked; --resume continues", flush=True)
+                return {"stopped_after_epoch": epoch}
+    summary = summarize(run, stopped_early)
+    faults.run_agreed(lambda: logger.finish(summary))
+    return summary
+
+
+def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) -> Run:
+    """Check the settings, join the world, load the data, build model, engine and components."""
+    cfg.validate()
+    ds_cfg = load_config(cfg.deepspeed_config)
+    dist.init(timeout=cfg.comm_timeout)
+    rank, world = dist.rank(), dist.world_size()
+    micro, gas, global_batch = resolve_batch(ds_cfg, world)
+    cfg.validate_world(world)
+    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size,
+                                cfg.classes, **cfg.dataset_kwargs)
+    train_set, holdout_set = data.train.split_off(cfg.default_holdout(len(data.train)))
+
+    seed_everything(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
+    model = create_model(cfg.backbone, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
+                         stem=cfg.stem)
+    if model_fn is not None:
+        model = model_fn(model)
+    loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
+    attack = cfg.make_attack()
+    replays = attack.shape.updates_per_minibatch(attack)
+    passes = math.ceil(cfg.epochs / replays)  # Free-m: epochs / m passes, the same number of updates
+    engine = initialize(model, ds_cfg, max(1, len(loader) * replays // gas), passes)
+    seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
+    stop = StopSignal()
+    out = Path(cfg.output_dir)
+    return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_attack=cfg.make_eval_attack(),
+               objective=cfg.make_objective(), compressor=cfg.make_compressor(), loader=loader,
+               test_loader=eval_loader(data.test, cfg.eval_batch_size, rank, world, cfg.num_workers),
+               holdout_loader=eval_loader(holdout_set, cfg.eval_batch_size, rank, world) if holdout_set else None,
+               passes=passes, updates_per_minibatch=replays, micro=micro, gas=gas, global_batch=global_batch,
+               meta={"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
+                     **data.meta()},
+               out=out, ckpt_dir=out / "checkpoints", guard=StepGuard(engine, cfg.max_nonfinite, stop), stop=stop,
+               progress=ckpt.Progress(ckpt.RunTotals(), OverfitWatch(cfg.co_drop)), timers=Timers(engine.device),
+               saves=SaveRetries(cfg.save_retries), watchdog=faults.Watchdog(cfg.comm_timeout),
+               ema=ema.from_config(ds_cfg, engine.module))
+
+
+def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch]) -> dict:
+    """Train one pass from ``state`` (part-way when resumed), evaluate, and fill ``run.progress.row``;
+    returns the held-out check."""
+    engine = run.engine
+    start_epoch(run.loader, state.epoch, state.drawn)
+    totals = Totals(engine.device)
+    if partial is not None:
+        totals.load_state_dict(partial.totals)
+        run.timers.seconds.update(partial.timers)
+        run.progress.skipped_at_start = partial.skipped_at_start
+    else:
+        run.progress.skipped_at_start = engine.skipped_steps
+    t0 = time.perf_counter()
+    bar = _progress_bar(len(run.loader) * run.updates_per_minibatch, state.epoch)
+    with run.watchdog.watching():
+        stats = train_epoch(engine, run.loader, run.attack, run.compressor, run.timers, run.objective, bar,
+                            run.guard, state, totals, lambda s, t: _at_boundary(run, s, t), run.ema)
+    if bar is not None:
+        bar.close()
+    if stats.get("stopped"):
+        _stopped(run.guard, state, run.ckpt_dir)
+    return end_epoch(run, stats, state.epoch, t0)
+
+
+def _at_boundary(run: Run, state: EpochState, totals: Totals) -> bool:
+    """After a minibatch's last optimizer step: a mid-epoch checkpoint when due (``--save-every``
+    optimizer steps) or asked to stop; True stops the epoch."""
+    engine, cfg = run.engine, run.cfg
+    run.watchdog.beat()
+    due = cfg.save_every and engine.global_steps - run.last_save >= cfg.save_every
+    if due or run.guard.stop_requested:
+        rank = ckpt.capture(engine, run.attack, run.compressor, state, totals, run.timers, run.progress, run.ema)
+        with run.watchdog.paused():
+            run.saves(ckpt.save, engine, run.ckpt_dir, state, run.progress, run.meta, rank, run.guard)
+        run.last_save = engine.global_steps  # also after a failed save: the next one is due in save_every steps
+    return run.guard.stop_requested
+
+
+def end_epoch(run: Run, stats: dict, epoch: int, t0: float) -> dict:
+    """Evaluation, held-out check and the epoch's row (``run.progress.row``); returns the held-out check."""
+    engine, cfg, progress = run.engine, run.cfg, run.progress
+    phase = run.timers.reset()
+    seen = bad_samples(*(loader.dataset for loader in (run.loader, run.test_loader, run.holdout_loader) if loader))
+    comm, compute, bad = dist.all_reduce_sum(
+        [phase.get("comm", 0.0), sum(v for k, v in phase.items() if k != "comm"), seen - run.bad_seen])
+    comm_s, compute_s, run.bad_seen = comm / dist.world_size(), compute / dist.world_size(), seen
+    with autocast(engine), ema_weights(run):
+        ev = evaluate(engine.module, run.test_loader, run.eval_attack, engine.device)
+        hold = holdout_check(engine, run.holdout_loader, cfg.make_eval_attack(), cfg.eps, progress.watch, epoch,
+                             cfg.early_stop)
+    totals = progress.totals
+    progress.totals = ckpt.RunTotals(totals.compute_s + compute_s, totals.comm_s + comm_s,
+                                     totals.bytes_sent_per_rank + stats["bytes_sent"])
+    progress.row = {"epoch": epoch, "lr": engine.get_lr()[0], "train_loss": stats["train_loss"], **ev, **hold,
+                    "epoch_s": time.perf_counter() - t0, "compute_s": compute_s, "comm_s": comm_s,
+                    "attack_s": phase.get("attack", 0.0), "codec_s": phase.get("codec", 0.0),
+                    "bytes_sent_per_rank": stats["bytes_sent"], "global_step": engine.global_steps,
+                    "skipped_steps": engine.skipped_steps - progress.skipped_at_start,
+                    "bad_samples": int(bad)}  # unreadable images skipped (named on stderr), all ranks
+    return hold
+
+
+def summarize(run: Run, stopped_early: bool) -> dict:
+    """The run's summary; with a held-out check, the numbers of its best epoch (Rice et al.)."""
+    engine, cfg, progress = run.engine, run.cfg, run.progress
+    row = progress.row
+    if run.holdout_loader is not None and progress.watch.best_epoch is not None:
+        restore_best(engine, run.ckpt_dir)
+        if run.ema is not None:  # the best epoch's EMA weights, from this rank's file of that checkpoint
+            run.ema.load_state_dict(torch.load(run.ckpt_dir / BEST / f"rank{dist.rank()}.pt",
+                                               weights_only=True)["ema"])
+        with autocast(engine), ema_weights(run):
+            row = {**row, **evaluate(engine.module, run.test_loader, run.eval_attack, engine.device)}
+    return {"clean_acc": row["clean_acc"], "robust_acc": row["robust_acc"], "epochs": cfg.epochs,
+            "passes": run.passes, "world_size": dist.world_size(), "global_batch_size": run.global_batch,
+            "micro_batch_size": run.micro, "gradient_accumulation_steps": run.gas,
+            **dataclasses.asdict(progress.totals), "backbone": cfg.backbone, "attack": cfg.attack,
+            "attack_settings": repr(run.attack), "loss": cfg.loss, "eps": cfg.eps,
+            "eval_attack": f"{attacks.name_of(run.eval_attack)}-{cfg.eval_steps}",
+            "eval_samples": row["eval_samples"], "dataset": run.data.name, "compressor": cfg.compressor,
+            "deepspeed_config": cfg.deepspeed_config,
+            "optimizer": run.ds_cfg.get("optimizer", {}).get("type", "Lamb"),
+            "best_epoch": progress.watch.best_epoch, "stopped_early": stopped_early, "output_dir": str(run.out),
+            "skipped_steps": engine.skipped_steps, "global_step": engine.global_steps,
+            "ema": None if run.ema is None else {"decay": run.ema.decay, "warmup": run.ema.warmup}}
+
+
+def ema_weights(run: Run):
+    """The EMA weights in ``engine.module`` for an evaluation when the run keeps an EMA."""
+    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+
+
+def _progress_bar(total: int, epoch: int):
+    if not dist.is_main():
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+def _report(row: dict) -> None:
+    if dist.is_main():
+        extra = f"  held-out PGD {row['holdout_pgd_acc']:.4f}" if "holdout_pgd_acc" in row else ""
+        print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  TA {row['clean_acc']:.4f}  "
+              f"RA {row['robust_acc']:.4f}{extra}  compute {row['compute_s']:.1f}s  comm {row['comm_s']:.2f}s",
+              flush=True)
+
+
+def _stopped(guard: StepGuard, state: EpochState, ckpt_dir: Path) -> None:
+    name = signal.Signals(guard.stop_signum).name if guard.stop_signum else "a signal"
+    raise StopRequested(f"stopped by {name} at epoch {state.epoch}, batch {state.done}; the checkpoint in "
+                        f"{ckpt_dir} is complete and --resume continues from it", guard.stop_signum or 15)
