@@ -1,0 +1,169 @@
+"""``bench/report.py``'s section for ``results/gpu.json`` (``bench/gpu_check.py``): training
+throughput against a bare loop, ConAdv's overlap, syncs per step, codec GB/s, DAT steps over nccl,
+dat-ds's LAMB beside DeepSpeed's fused LAMB, and peak memory. ``gpu_check.py`` prints the same text.
+
+    from report_gpu import render_gpu   # in report.py: the renderer of the "gpu" results file
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+    return str(v)
+
+
+def _table(headers: List[str], rows: List[list]) -> List[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
+def _rows(entries: list, key: str, cells: Callable[[dict], list], width: int) -> List[list]:
+    """One row per entry; an entry that failed shows its error across the row."""
+    out = []
+    for e in entries:
+        if "error" in e:
+            out.append([e.get(key, "?"), f"failed: {e['error']}"] + [""] * (width - 2))
+        else:
+            out.append(cells(e))
+    return out
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else 1e3 * seconds
+
+
+def _problem(section: dict) -> Optional[str]:
+    if "error" in section:
+        return f"failed: {section['error']}"
+    if "skipped" in section:
+        return f"skipped: {section['skipped']}"
+    return None
+
+
+def throughput(section: dict) -> List[str]:
+    out = ["### Training throughput: dat-ds against a bare PyTorch loop", "",
+           "images/s of minibatches (Free-4 replays each minibatch 4 times); dat-ds / bare > 1 means dat-ds is "
+           "faster; syncs and host reads per optimizer step counted over real steps (budget: 0 syncs, 1 host "
+           "read per step plus one per epoch).", ""]
+    headers = ["method", "dat-ds img/s", "bare img/s", "dat-ds / bare", "time vs natural", "syncs / step",
+               "host reads / step", "updates / minibatch"]
+    for m in section.get("models", []):
+        title = f"`{m.get('model')}`"
+        if "error" in m:
+            out += [f"{title}: failed: {m['error']}", ""]
+            continue
+        out += [f"{title} at {m['img_size']} px, batch {m['batch']}, {m['dtype']}, {_fmt(m['params_m'])} M parameters; "
+                f"peak memory {_fmt(m.get('peak_memory_gb'))} GB", ""]
+        out += _table(headers, _rows(m["methods"], "method", lambda r: [
+            r["method"], r["images_per_s"], r["bare_images_per_s"], r["ratio_to_bare"], r.get("time_vs_natural"),
+            r["syncs_per_step"], r["host_reads_per_step"], r["updates_per_minibatch"]], len(headers)))
+        out += conadv(m.get("conadv_overlap", {}))
+    return out
+
+
+def conadv(o: dict) -> List[str]:
+    if not o:
+        return []
+    if "error" in o:
+        return [f"ConAdv overlap: failed: {o['error']}", ""]
+    where = "on a second CUDA stream" if o.get("side_stream") else "in sequence (CPU: no overlap expected)"
+    return [f"ConAdv overlap ({where}): attack alone {_fmt(_ms(o['attack_s']))} ms, update alone "
+            f"{_fmt(_ms(o['update_s']))} ms, ConAdv step {_fmt(_ms(o['conadv_s']))} ms: "
+            f"{_fmt(_ms(o['hidden_s']))} ms hidden = **{100 * o['overlap']:.0f}%** of the attack's time.", ""]
+
+
+def codec(section: dict) -> List[str]:
+    headers = ["compressor", "encode+decode ms", "GB/s", "/ copy", "first call s", "compiled", "finite"]
+    out = ["### Codecs on the device: encode + decode at world size 1", "",
+           f"`{section['model']}` gradient, {section['numel'] / 1e6:.1f} M fp32 values in {section['tensors']} "
+           f"tensors; a plain copy of the buffer runs at {_fmt(section['copy_gbps'])} GB/s (`none` has no codec: "
+           f"at world size 1 it leaves the buffer as it is).", ""]
+    out += _table(headers, _rows(section["compressors"], "compressor", lambda r: [
+        r["compressor"], r["ms"], r["gbps"], r["ratio_to_copy"], r["first_call_s"], r["compiled"], r["finite"]],
+        len(headers)))
+    return out
+
+
+def nccl(section: dict) -> List[str]:
+    headers = ["compressor", "s / step", "vs none", "bytes / step", "comm share", "loss", "identical on all ranks"]
+    out = [f"### DAT steps over {section['backend']}, world size {section['world_size']}", "",
+           f"{section['steps']} PGD-{section['pgd_steps']} steps per compressor, `{section['model']}`, batch "
+           f"{section['batch_per_rank']} per rank; peak memory {_fmt(section.get('peak_memory_gb'))} GB (rank 0).", ""]
+    out += _table(headers, _rows(section["compressors"], "compressor", lambda r: [
+        r["compressor"], r["s_per_step"], r.get("time_vs_none"), r["bytes_per_step"], r["comm_share"], r["loss"],
+        r["identical_across_ranks"]], len(headers)))
+    return out
+
+
+def _match(c: Optional[dict]) -> str:
+    if not c:
+        return "-"
+    return (f"{'same' if c['same'] else 'DIFFERENT'} (max diff {_fmt(c['rel_max_diff'])} of the largest entry, "
+            f"norm ratio {_fmt(c['norm_ratio'], 4)}, cosine {_fmt(c['cosine'], 6)})")
+
+
+def lamb(section: dict) -> List[str]:
+    fused = section.get("fused", {})
+    out = ["### LAMB: dat-ds's beside DeepSpeed's fused CUDA kernel", "",
+           f"`{section['model']}`, {_fmt(section['params_m'])} M parameters, one optimizer step.", ""]
+    rows = [["dat-ds `Lamb` (torch._foreach)", section["ours_ms"], "1"]]
+    if "ms" in fused:
+        rows.append(["DeepSpeed `FusedLamb`", fused["ms"], section.get("fused_speedup")])
+    out += _table(["optimizer", "ms / step", "speed-up over dat-ds"], rows)
+    problem = fused.get("error") or fused.get("skipped")
+    if problem:
+        out += [f"* DeepSpeed's FusedLamb: {problem}"]
+    for k, words in (("matched", "matched settings"), ("defaults", "each optimizer's defaults")):
+        out.append(f"* {words}, dat-ds vs the fused kernel's formula (in PyTorch): "
+                   f"{_match(section.get(f'ours_vs_formula_{k}'))}")
+        if f"vs_ours_{k}" in fused:
+            out.append(f"* {words}, FusedLamb vs dat-ds: {_match(fused[f'vs_ours_{k}'])}; "
+                       f"FusedLamb vs its formula: {_match(fused.get(f'vs_formula_{k}'))}")
+    return out + ["", "matched: no bias correction and no clamp of the trust ratio, where both compute "
+                  "`p -= lr |p| / |u| u`; defaults: dat-ds clamps |p| to [c_l, c_u] = [0, 10], FusedLamb clamps the "
+                  "ratio to [0.01, 10] and scales the step by sqrt(1 - b2^t) / (1 - b1^t) after normalizing.", ""]
+
+
+def memory(section: dict) -> List[str]:
+    rows = [[k, v] for k, v in section.get("per_section_gb", {}).items()]
+    total = section.get("device_total_gb")
+    note = f" of {_fmt(total)} GB on the device" if total else ""
+    return [f"### Peak memory ({section.get('kind')}){note}", ""] + _table(["section", "GB"], rows)
+
+
+RENDER = {"throughput": throughput, "codec": codec, "nccl": nccl, "lamb": lamb, "memory": memory}
+
+
+def render_gpu(name: str, data: dict) -> str:
+    """Markdown for ``results/{name}.json`` as ``bench/gpu_check.py`` writes it."""
+    m = data.get("machine", {})
+    s = data.get("settings", {})
+    out = [f"## {data.get('title', name)}", "",
+           f"`results/{name}.json`; machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; GPU: "
+           f"{m.get('gpu', 'none')}; torch {m.get('torch', '?')}; deepspeed {m.get('deepspeed', '?')}; "
+           f"{m.get('date', '')}", "",
+           f"settings: device {s.get('device')}, {'quick sizes' if s.get('quick') else 'full sizes'}, "
+           f"{s.get('dtype')}, {s.get('gpus', 0)} GPU(s), kernels compile: {s.get('compile')}; "
+           f"{_fmt(data.get('wall_s'))} s in all", ""]
+    for key, fn in RENDER.items():
+        section = data.get("sections", {}).get(key)
+        if section is None:
+            out += [f"### {key}: not run", ""]
+            continue
+        problem = _problem(section)
+        if problem:
+            out += [f"### {key}: {problem}", ""]
+            continue
+        try:
+            out += fn(section)
+        except (KeyError, TypeError, ValueError) as err:
+            out += [f"### {key}: could not render ({err!r})", ""]
+    return "\n".join(out).rstrip() + "\n"
