@@ -11,7 +11,12 @@ on SIGINT/SIGTERM and at the next start after a crash. Needs root; without it th
 writes a results file that says so and exits 0.
 
     sudo python bench/link_bench.py                       # timm resnet18, 2 nodes x 1 rank, 1 Gbit/s
-    sudo python bench/link_bench.py --steps 4 --compressors none qsgd8
+    sudo python bench/link_bench.py --steps 4 --compressors none qsgd8 --scenarios comm-heavy
+
+Two scenarios, each with every compressor: ``dat`` (the attack and micro batch given, DAT-FGSM
+at 16 by default) and ``comm-heavy`` (natural training at micro batch 4, where the fp32
+exchange is most of the step). Per row also the ideal speedup (communication time taken as
+zero) and the share of it a compressor reaches.
 """
 from __future__ import annotations
 
@@ -36,9 +41,15 @@ COMPRESSORS = {
     "qsgd2": ["--compressor", "qsgd", "--bits", "2"],
     "sign_vote": ["--compressor", "sign_vote"],
     "ef_sign": ["--compressor", "ef_sign"],
+    "powersgd": ["--compressor", "powersgd"],
+    "bf16": ["--compressor", "bf16"],
 }
 LABELS = {"none": "fp32 all-reduce", "qsgd8": "QSGD 8-bit", "qsgd4": "QSGD 4-bit", "qsgd2": "QSGD 2-bit",
-          "sign_vote": "sign_vote (1-bit)", "ef_sign": "ef_sign (1-bit + EF)"}
+          "sign_vote": "sign_vote (1-bit)", "ef_sign": "ef_sign (1-bit + EF)", "powersgd": "PowerSGD rank 1",
+          "bf16": "bf16 all-reduce"}
+# name -> (training attack, extra recipe flags, micro batch per rank): today's DAT row, and a
+# communication-heavy one (natural training at a small micro batch: little compute per byte sent)
+SCENARIOS = {"dat": ("fgsm_rs", [], 16), "comm-heavy": ("none", [], 4)}
 PROBE_MB = 100
 
 
@@ -80,15 +91,19 @@ def run_probe(link: netns.Link, port: int, timeout: float) -> dict:
     return json.loads(lines[-1][len("PROBE "):])
 
 
-def run_recipe(link: netns.Link, name: str, args, port: int, workdir: Path) -> dict:
+def run_recipe(link: netns.Link, name: str, args, port: int, workdir: Path, scenario: str = "dat") -> dict:
     """One two-node DeepSpeed job; returns its last epoch's figures."""
     hostfile = workdir / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    out_dir = workdir / name
+    attack, attack_flags, micro = SCENARIOS[scenario]
+    if scenario == "dat":
+        attack, attack_flags, micro = args.attack, args.attack_flags, args.micro_batch
+    out_dir = workdir / f"{scenario}_{name}"
+    (workdir / f"ds_config_{micro}.json").write_text(json.dumps(ds_config(args, micro)))
     steps_per_epoch = args.steps
-    cmd_tail = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(workdir / "ds_config.json"),
-                "--backbone", args.backbone, "--attack", args.attack, "--eps", "0.1", *args.attack_flags,
-                "--train-limit", str(2 * args.micro_batch * steps_per_epoch), "--eval-limit", "64",
+    cmd_tail = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(workdir / f"ds_config_{micro}.json"),
+                "--backbone", args.backbone, "--attack", attack, "--eps", "0.1", *attack_flags,
+                "--train-limit", str(2 * micro * steps_per_epoch), "--eval-limit", "64",
                 "--eval-steps", "1", "--holdout", "0", "--epochs", str(args.epochs), "--output-dir", str(out_dir),
                 *COMPRESSORS[name]]
     procs = []
@@ -98,27 +113,28 @@ def run_recipe(link: netns.Link, name: str, args, port: int, workdir: Path) -> d
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_ssh", "--node_rank", str(k),
                "--num_nodes", "2", "--num_gpus", "1", "--hostfile", str(hostfile), "--master_addr", link.addrs[0],
                "--master_port", str(port), *cmd_tail]
-        log = open(workdir / f"{name}.node{k}.log", "w")
+        log = open(workdir / f"{scenario}_{name}.node{k}.log", "w")
         procs.append(link.popen(k, cmd, stdout=log, stderr=log, cwd=str(ROOT)))
     codes = netns.wait_all(procs, args.timeout)
     wall = time.perf_counter() - t0
     if codes != [0, 0]:
-        tail = (workdir / f"{name}.node0.log").read_text()[-3000:]
+        tail = (workdir / f"{scenario}_{name}.node0.log").read_text()[-3000:]
         raise RuntimeError(f"{name}: two-node run failed (exit codes {codes}); node 0 log ends:\n{tail}")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1]
     steps = last["global_step"] - (rows[-2]["global_step"] if len(rows) > 1 else 0)
     train_s = last["compute_s"] + last["comm_s"]
-    return {"compressor": name, "label": LABELS[name], "steps_per_epoch": steps,
+    return {"scenario": scenario, "micro_batch": micro, "attack": attack,
+            "compressor": name, "label": LABELS[name], "steps_per_epoch": steps,
             "step_s": train_s / steps, "train_s_per_epoch": train_s, "epoch_s": last["epoch_s"],
             "compute_s": last["compute_s"], "comm_s": last["comm_s"], "codec_s": last["codec_s"],
             "comm_share": last["comm_s"] / train_s, "bytes_per_rank": last["bytes_sent_per_rank"],
             "veth_tx_bytes_per_node": [(link.tx_bytes(k) - tx0[k]) for k in (0, 1)], "job_wall_s": wall}
 
 
-def ds_config(args) -> dict:
+def ds_config(args, micro: int) -> dict:
     cfg = json.loads((ROOT / "ds_configs" / "lamb_fp32.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
+    cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = 1
     return cfg
 
@@ -126,19 +142,28 @@ def ds_config(args) -> dict:
 def summarize(results: list, probe_result: dict, rate: str):
     """Table rows and notes from the per-compressor figures (speedups against fp32)."""
     notes = []
-    base = next((r for r in results if r["compressor"] == "none"), None)
     rows = []
     for r in results:
-        rows.append({"compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
+        base = next((b for b in results if b["compressor"] == "none" and b["scenario"] == r["scenario"]), None)
+        # ideal: the fp32 step with its communication time taken as zero (its compute only)
+        ideal = base["compute_s"] / base["steps_per_epoch"] if base else None
+        saved = (base["step_s"] - r["step_s"]) / (base["step_s"] - ideal) if base and base["step_s"] > ideal else None
+        rows.append({"scenario": f"{r['scenario']} ({r['attack']}, micro {r['micro_batch']})",
+                     "compressor": r["label"], "s/step": r["step_s"], "s/epoch (train)": r["train_s_per_epoch"],
                      "epoch incl. eval s": r["epoch_s"], "compute s": r["compute_s"], "comm s": r["comm_s"],
                      "codec s": r["codec_s"], "comm share": f"{100 * r['comm_share']:.0f}%",
                      "MB/rank/epoch": r["bytes_per_rank"] / 1e6,
                      "veth MB/node": sum(r["veth_tx_bytes_per_node"]) / 2e6,
                      "speedup vs fp32": f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
-                     "comm speedup": f"{base['comm_s'] / r['comm_s']:.1f}x" if base and r["comm_s"] > 0 else "-"})
+                     "comm speedup": f"{base['comm_s'] / r['comm_s']:.1f}x" if base and r["comm_s"] > 0 else "-",
+                     "ideal speedup": f"{base['step_s'] / ideal:.2f}x" if base else "-",
+                     "share of ideal": f"{100 * saved:.0f}%" if saved is not None else "-"})
     notes.append(f"link check: a raw {PROBE_MB} MB gloo send across the namespaces ran at "
                  f"{probe_result['send_gbit_s']:.3f} Gbit/s, an all_reduce at {probe_result['all_reduce_gbit_s']:.3f} "
                  f"Gbit/s of buffer (tbf rate {rate} on each veth end)")
+    notes.append("ideal speedup: the fp32 step over the same step with its communication time taken as zero "
+                 "(fp32 compute only); share of ideal: the part of that removable time a compressor saves, "
+                 "(fp32 s/step - s/step) / (fp32 s/step - ideal s/step); 100% = as if communication were free")
     notes.append("compute s includes the compressor's encode/decode (codec s); comm s is the time inside the "
                  "collectives, which also absorbs waiting for the slower node")
     notes.append("both 'nodes' share this machine's CPU cores (one rank each, OMP_NUM_THREADS=1): compute is "
@@ -158,7 +183,10 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="updates per epoch")
     p.add_argument("--epochs", type=int, default=2, help="figures are from the last epoch (the first warms up)")
     p.add_argument("--compressors", nargs="+", default=list(COMPRESSORS), choices=list(COMPRESSORS))
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS),
+                   help="dat: --attack at --micro-batch; comm-heavy: natural training at micro batch 4")
     p.add_argument("--timeout", type=float, default=900, help="seconds per two-node job")
+    p.add_argument("--name", default="link", help="results file bench/results/NAME.json")
     p.add_argument("--probe-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-addr", help=argparse.SUPPRESS)
     p.add_argument("--probe-port", type=int, help=argparse.SUPPRESS)
@@ -166,7 +194,7 @@ def main():
     if args.probe_rank is not None:
         return probe(args.probe_rank, args.probe_addr, args.probe_port)
     args.attack_flags = []
-    settings = {k: v for k, v in vars(args).items() if not k.startswith("probe") and k != "attack_flags"}
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("probe") and k not in ("attack_flags", "name")}
     settings.update(nodes=2, ranks_per_node=1, dataset="fashion_mnist", stem="auto (small: 3x3 stride 1)",
                     ds_config="ds_configs/lamb_fp32.json with the micro batch above",
                     launcher="deepspeed --no_ssh --node_rank K --num_nodes 2 --num_gpus 1 (one per namespace)")
@@ -174,32 +202,33 @@ def main():
     why_not = netns.available()
     if why_not:
         print(f"link benchmark skipped: {why_not}")
-        save("link", {"title": title, "machine": machine(), "settings": settings, "rows": [],
+        save(args.name, {"title": title, "machine": machine(), "settings": settings, "rows": [],
                       "notes": [f"not run: {why_not}; run `make bench` as root for this table"]})
         return
 
     results = []
     with netns.Link(rate=args.rate) as link, tempfile.TemporaryDirectory(prefix="link_bench_") as tmp:
         workdir = Path(tmp)
-        (workdir / "ds_config.json").write_text(json.dumps(ds_config(args)))
         link_info = {"namespaces": link.ns, "addresses": link.addrs, "qdisc": link.qdisc(0)}
         print(f"namespaces {link.ns}, {link.addrs}, qdisc: {link_info['qdisc']}", flush=True)
         probe_result = run_probe(link, 29400, 300)
         print(f"raw gloo over the link: send {probe_result['send_gbit_s']:.3f} Gbit/s, "
               f"all_reduce {probe_result['all_reduce_gbit_s']:.3f} Gbit/s (100 MB)", flush=True)
-        for i, name in enumerate(args.compressors):
-            r = run_recipe(link, name, args, 29500 + i, workdir)
+        jobs = [(scenario, name) for scenario in args.scenarios for name in args.compressors]
+        for i, (scenario, name) in enumerate(jobs):
+            r = run_recipe(link, name, args, 29500 + i, workdir, scenario)
             results.append(r)
-            print(f"{LABELS[name]:>22}: {r['step_s']:.3f} s/step (compute {r['compute_s']:.2f} s, "
+            print(f"{scenario:>10} {LABELS[name]:>22}: {r['step_s']:.3f} s/step (compute {r['compute_s']:.2f} s, "
                   f"comm {r['comm_s']:.2f} s per epoch), {r['bytes_per_rank'] / 1e6:.1f} MB/rank/epoch", flush=True)
     names = netns.ours()
     assert not any(n in names for n in link.ns), "namespaces left behind"
 
     rows, notes = summarize(results, probe_result, args.rate)
-    save("link", {"title": title, "machine": machine(), "settings": settings, "link": link_info,
+    save(args.name, {"title": title, "machine": machine(), "settings": settings, "link": link_info,
                   "probe": probe_result, "rows": rows, "raw": results, "notes": notes,
-                  "bars": {"s/step": {r["label"]: r["step_s"] for r in results}}})
-    print("written: bench/results/link.json")
+                  "bars": {f"s/step, {sc}": {r["label"]: r["step_s"] for r in results if r["scenario"] == sc}
+                           for sc in args.scenarios}})
+    print(f"written: bench/results/{args.name}.json")
 
 
 if __name__ == "__main__":

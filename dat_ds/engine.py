@@ -185,9 +185,10 @@ def initialize(model: torch.nn.Module, cfg: dict, steps_per_epoch: int, epochs: 
 
 
 def exchange_gradients(engine, compressor: Compressor) -> CommStats:
-    """Average the local gradients over ranks through ``compressor`` (call after ``engine.backward``)."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return compressor.all_reduce_(grads)
+    """Average the local gradients over ranks through ``compressor`` (call after ``engine.backward``):
+    in place in one persistent flat buffer that every ``.grad`` views (:mod:`dat_ds.compress.flat`)."""
+    from .compress import exchange
+    return exchange(engine, compressor)
 
 
 # Checkpoints live in dat_ds.checkpoint; these names stay importable from here.

@@ -18,19 +18,28 @@ WORKER = ROOT / "tests" / "scripts" / "compress_worker.py"
 WORLDS = (2, 3, 4)
 
 
+@pytest.fixture(autouse=True)
+def eager_codec(monkeypatch):
+    """The eager kernels (identical bytes, no compile time); tests of the compiled ones opt in."""
+    monkeypatch.setenv("DAT_DS_COMPILE", "0")
+
+
 # --- exchanges on real ranks (one run of the worker script serves all of these tests) ---------
 
 @pytest.fixture(scope="module")
 def exchanges(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress")
     r = subprocess.run([sys.executable, str(WORKER), "--out", str(out), "--worlds", *map(str, WORLDS)], cwd=ROOT,
-                       env=clean_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=300)
+                       env=clean_env({"OMP_NUM_THREADS": "1", "DAT_DS_COMPILE": "0"}), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("compress_worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     runs = {w: [torch.load(out / f"world{w}_rank{k}.pt", weights_only=True) for k in range(w)] for w in WORLDS}
-    return runs, {w: {key: (name, kw) for key, name, kw, _ in worker.configs(w)} for w in WORLDS}
+    hooks = {w: [torch.load(out / f"world{w}_rank{k}_hooks.pt", weights_only=True) for k in range(w)]
+             for w in WORLDS}
+    return runs, {w: {key: (name, kw) for key, name, kw, _ in worker.configs(w)} for w in WORLDS}, hooks
 
 
 def honest_mean(ranks, key):
@@ -59,6 +68,11 @@ def expected_bytes(name, kw, numel, world):
     """What one exchange sends per rank under the module's convention, from first principles."""
     if name == "none":
         return int(2 * (world - 1) * numel * 4 / world)
+    if name == "bf16":
+        return int(2 * (world - 1) * numel * 2 / world)
+    if name == "powersgd":   # 3 all-reduces: the vectors, P, Q; only (7, 11, 13) is worth compressing
+        r = kw["matrix_rank"]
+        return sum(int(2 * (world - 1) * 4 * k / world) for k in (numel - 7 * 143, 7 * r, 143 * r))
     unit = kw.get("bucket_size", 8)
     padded = math.ceil(numel / (world * unit)) * world * unit
     shard = padded // world
@@ -152,6 +166,46 @@ def test_error_feedback_telescopes_across_ranks(exchanges, world):
         else:
             assert "server_error" not in ranks[0][key]["state"]
         torch.testing.assert_close(ranks[0][key]["out_sum"] + carried, steps * mean, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_powersgd_matches_ddps_powersgd_hook(exchanges, world):
+    """Three steps (error feedback, warm start, grouping by shape, a rank-2 Gram-Schmidt) give
+    what ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook`` gives on every rank."""
+    for r in exchanges[2][world]:
+        run = r["powersgd"]
+        assert not torch.equal(run["ours"][0], run["ours"][1])      # the warm-started steps differ
+        torch.testing.assert_close(run["ours"], run["hook"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run["our_error"], run["hook_error"], rtol=1e-5, atol=1e-6)
+    for key in ("powersgd rank=1", "powersgd rank=2"):
+        ranks = exchanges[0][world]
+        steps = len(ranks[0][key]["bytes"])
+        # error feedback: what was applied plus what is carried adds up to the gradients fed in
+        carried = torch.stack([r[key]["state"]["error"] for r in ranks]).mean(0)
+        torch.testing.assert_close(ranks[0][key]["out_sum"] + carried, steps * honest_mean(ranks, key),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bf16_matches_ddps_bf16_hook(exchanges, world):
+    for r in exchanges[2][world]:
+        run = r["bf16"]
+        assert torch.equal(run["ours"], run["hook"])
+    ranks = exchanges[0][world]
+    # each of the N terms and every partial sum is rounded to bf16 (8 significant bits)
+    scale = torch.stack([r["bf16"]["in"].abs() for r in ranks]).mean(0)
+    assert ((ranks[0]["bf16"]["out"] - honest_mean(ranks, "bf16")).abs() <= world * 2 ** -8 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_none_exchanges_bf16_gradients_in_fp32(exchanges, world):
+    """DeepSpeed's bf16 mode hands bf16 gradients to the exchange: the all-reduce runs in fp32
+    and only the exact fp32 mean is rounded back to bf16."""
+    runs = [r["none bf16 grads"] for r in exchanges[2][world]]
+    assert all(r["dtypes"] == ["torch.float32"] for r in runs)
+    mean = torch.stack([r["in"].float() for r in runs]).mean(0)
+    torch.testing.assert_close(runs[0]["out"].float(), mean.to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert runs[0]["out"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("world", (3, 4))
@@ -357,6 +411,24 @@ def test_world_size_one_applies_the_round_trip_and_sends_nothing():
     create("qsgd", bits=8, bucket_size=64).all_reduce_(close)
     flat = compress.flatten([g.float() for g in grads])
     assert (compress.flatten(close).float() - flat).pow(2).sum() <= qsgd_variance_bound(flat, 8, 64)
+
+
+def test_every_module_of_the_package_is_imported_and_settings_are_declared():
+    """A compressor is one module: the package imports all of its modules, so registering is
+    all a new one does. Every setting has a default and a type; the generator is internal."""
+    import pkgutil
+    import sys
+    for info in pkgutil.iter_modules(compress.__path__):
+        assert f"dat_ds.compress.{info.name}" in sys.modules, info.name
+    assert {"none", "qsgd", "sign_vote", "ef_sign", "powersgd", "bf16"} <= set(compress.names())
+    import inspect
+    for name in compress.names():
+        settings = compress.COMPRESSORS.settings(name)
+        assert "generator" not in settings and all(v is not inspect.Parameter.empty for v in settings.values()), name
+        params = inspect.signature(compress.COMPRESSORS.get(name)).parameters
+        assert all(params[k].annotation is not inspect.Parameter.empty for k in settings), name
+        doc = compress.COMPRESSORS.get(name).__doc__
+        assert all(k in doc for k in settings if not k.startswith("byzantine")) and "byzantine_ranks" in doc, name
 
 
 @pytest.mark.parametrize("name", compress.names())

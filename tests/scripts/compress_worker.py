@@ -6,7 +6,8 @@ For each world size the script starts that many ranks (torch.multiprocessing, gl
 loopback). Every rank exchanges its own gradients (different per rank) through each
 configuration in ``configs(world)`` ``STEPS`` times and saves ``DIR/world{N}_rank{R}.pt``: per
 configuration the input flat gradient, the last output and the sum of the outputs, the bytes
-each exchange reported, and the compressor's state.
+each exchange reported, and the compressor's state. ``DIR/world{N}_rank{R}_hooks.pt`` holds
+``powersgd`` and ``bf16`` side by side with DDP's own PowerSGD and bf16 communication hooks.
 """
 import argparse
 import os
@@ -36,6 +37,9 @@ def configs(world: int):
         out.append((f"sign_vote {topology}", "sign_vote", {"topology": topology}, False))
         out.append((f"sign_vote momentum=0.9 {topology}", "sign_vote", {"momentum": 0.9, "topology": topology}, False))
         out.append((f"ef_sign {topology}", "ef_sign", {"bucket_size": 128, "topology": topology}, False))
+    out.append(("bf16", "bf16", {}, False))
+    for rank in (1, 2):
+        out.append((f"powersgd rank={rank}", "powersgd", {"matrix_rank": rank}, False))
     if world >= 3:  # one Byzantine rank (the last) is a minority
         bad = (world - 1,)
         for topology in compress.TOPOLOGIES:
@@ -58,6 +62,91 @@ def gradients(rank: int, byzantine_case: bool):
     return [torch.randn(s, generator=gen) * (1 + i) for i, s in enumerate(SHAPES)]
 
 
+# PowerSGD against DDP's own hook: matrices of one shape twice (the hook groups them by shape),
+# a 3-d tensor, vectors, and a matrix too small to be worth compressing
+HOOK_SHAPES = [(6, 20), (30,), (5, 4, 3), (6, 20), (50, 40), (3, 2)]
+
+
+class FakeBucket:
+    """What ``powerSGD_hook`` reads of a ``dist.GradBucket``: one flat buffer and its views."""
+
+    def __init__(self, flat, shapes):
+        self._flat, self._views, offset = flat, [], 0
+        for s in shapes:
+            n = torch.Size(s).numel()
+            self._views.append(flat[offset:offset + n].view(s))
+            offset += n
+
+    def buffer(self):
+        return self._flat
+
+    def index(self):
+        return 0
+
+    def is_last(self):
+        return True
+
+    def gradients(self):
+        return self._views
+
+    def parameters(self):
+        return self._views
+
+
+def powersgd_against_hook(rank: int) -> dict:
+    """STEPS exchanges of the same per-rank gradients through ``powersgd`` (rank 2) and through
+    ``powerSGD_hook`` on a fake bucket, both from the same seed: every output and the errors."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
+    gen = torch.Generator().manual_seed(500 + rank)
+    grads = [torch.randn(s, generator=gen) for s in HOOK_SHAPES]
+    ours = compress.create("powersgd", matrix_rank=2, random_seed=7)
+    state = ph.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2,
+                             min_compression_rate=2.0, orthogonalization_epsilon=1e-8, random_seed=7)
+    state.iter = state.start_powerSGD_iter     # straight to compression, no vanilla warm-up steps
+    mine, hook = [], []
+    for _ in range(STEPS):
+        out = [g.clone() for g in grads]
+        ours.all_reduce_(out)
+        mine.append(compress.flatten(out))
+        flat = compress.flatten(grads)
+        ph.powerSGD_hook(state, FakeBucket(flat, HOOK_SHAPES)).wait()
+        hook.append(flat.clone())
+    return {"ours": torch.stack(mine), "hook": torch.stack(hook), "our_error": ours.state_dict()["error"],
+            "hook_error": state.error_dict[0]}
+
+
+def bf16_against_hook(rank: int) -> dict:
+    """One exchange through ``bf16`` and through DDP's ``bf16_compress_hook``, same gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    gen = torch.Generator().manual_seed(600 + rank)
+    grads = [torch.randn(s, generator=gen) for s in HOOK_SHAPES]
+    out = [g.clone() for g in grads]
+    compress.create("bf16").all_reduce_(out)
+    flat = compress.flatten(grads)
+    default_hooks.bf16_compress_hook(None, FakeBucket(flat, HOOK_SHAPES)).wait()
+    return {"ours": compress.flatten(out), "hook": flat, "in": compress.flatten(grads)}
+
+
+def none_with_bf16_grads(rank: int) -> dict:
+    """``none`` on bf16 gradients (DeepSpeed's bf16 mode): the dtypes its all-reduce saw."""
+    seen = []
+    original = tdist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        seen.append(str(tensor.dtype))
+        return original(tensor, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(700 + rank)
+    grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in SHAPES]
+    out = [g.clone() for g in grads]
+    tdist.all_reduce = recording
+    try:
+        compress.create("none").all_reduce_(out)
+    finally:
+        tdist.all_reduce = original
+    return {"in": compress.flatten(grads), "out": compress.flatten(out), "dtypes": seen}
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -75,6 +164,9 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         results[key] = {"in": compress.flatten(grads), "out": compress.flatten(out), "out_sum": total,
                         "bytes": sent, "comm_seconds": seconds, "state": compressor.state_dict()}
     torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
+    torch.save({"powersgd": powersgd_against_hook(rank), "bf16": bf16_against_hook(rank),
+                "none bf16 grads": none_with_bf16_grads(rank)},
+               Path(out_dir) / f"world{world}_rank{rank}_hooks.pt")
     tdist.destroy_process_group()
 
 

@@ -1,0 +1,193 @@
+"""``powersgd``: PowerSGD (Vogels, Karimireddy and Jaggi 2019), low-rank gradients with error feedback."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize, _should_compress
+
+from .base import COMPRESSORS, Compressor, Payload
+from .byzantine import _check_byzantine, corrupt_
+from .collectives import CommStats, _timed, _world
+from .settings import _check_int
+from .workspace import Workspace
+
+EPSILON = 1e-8   # keeps an all-zero gradient matrix from dividing by a zero norm
+
+
+@dataclass
+class _Layout:
+    """Where each gradient sits in the flat buffer and how it is sent."""
+    matrices: List[Tuple[int, int, int, int]]    # (offset, rows, cols, rank), grouped by shape like DDP's hook
+    vectors: List[Tuple[int, int]]               # (offset, numel): sent as fp32
+    p_numel: int
+    q_numel: int
+    v_numel: int
+
+
+@COMPRESSORS.register("powersgd")
+class PowerSGD(Compressor):
+    """PowerSGD with error feedback and warm start: the math of DDP's ``powerSGD_hook``.
+
+    Every gradient of 2 or more dimensions, viewed as an (n, m) matrix M (its first dimension
+    by the rest), is sent as rank-r factors when that saves more than ``min_compression_rate``
+    (r (n + m) times that rate < n m); the other gradients (biases, norms) are all-reduced in
+    fp32. Per step, with the local error e added first (M <- M + e): Q is orthogonalized; P =
+    M Q is all-reduced (summed) and orthogonalized; Q = M^T P is all-reduced and averaged;
+    M <- P Q^T; e <- (M + e) before - after, over the whole buffer. Q is kept for the next step
+    (warm start); the first Q is standard normal, seeded from ``random_seed`` the way the hook
+    seeds it. Three all-reduces per step; bytes: 2 (N - 1) / N * 4 (|P| + |Q| + |vectors|).
+
+    Settings:
+        matrix_rank: the approximation rank r (1, the default of the paper and of DDP).
+        min_compression_rate: compress a matrix only if it shrinks by more than this factor.
+        random_seed: seed of the first Q.
+        byzantine_ranks, byzantine_mode: corrupted ranks (experiments only).
+
+    State: ``error`` (the flat gradient's residual) and ``q`` (the warm-start factors).
+    """
+
+    name = "powersgd"
+    state_names = ("error", "q")
+
+    def __init__(self, matrix_rank: int = 1, min_compression_rate: float = 2.0, random_seed: int = 0,
+                 byzantine_ranks: Sequence[int] = (), byzantine_mode: str = "scale",
+                 generator: Optional[torch.Generator] = None):
+        self.rank = _check_int("matrix_rank", matrix_rank, 1)
+        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) \
+                or not min_compression_rate > 0:
+            raise ValueError(f"min_compression_rate={min_compression_rate!r} is not allowed; "
+                             f"min_compression_rate must be a positive number")
+        self.min_compression_rate = float(min_compression_rate)
+        self.random_seed = _check_int("random_seed", random_seed, 0)
+        self.byzantine_ranks, self.byzantine_mode = _check_byzantine(byzantine_ranks, byzantine_mode)
+        self.generator = generator
+        self._ws = Workspace()
+        self._state = {}
+        self._layouts = {}
+
+    # -- layout -------------------------------------------------------------------------------
+    def _layout(self, shapes: Sequence[torch.Size]) -> _Layout:
+        key = tuple(tuple(s) for s in shapes)
+        if key in self._layouts:
+            return self._layouts[key]
+        groups, vectors, offset = {}, [], 0
+        for shape in key:
+            numel = math.prod(shape)
+            if len(shape) >= 2:
+                n, m = shape[0], numel // shape[0]
+                r = min(n, m, self.rank)
+                if _should_compress(n, m, r, self.min_compression_rate)[0]:
+                    groups.setdefault((n, m), []).append((offset, n, m, r))
+                    offset += numel
+                    continue
+            vectors.append((offset, numel))
+            offset += numel
+        matrices = [entry for group in groups.values() for entry in group]
+        layout = _Layout(matrices, vectors, sum(n * r for _, n, _, r in matrices),
+                         sum(m * r for _, _, m, r in matrices), sum(v for _, v in vectors))
+        self._layouts[key] = layout
+        return layout
+
+    def _factors(self, layout: _Layout, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """P memory (scratch) and Q memory (state: warm start, else seeded normal draws)."""
+        p = self._ws.get("p", (layout.p_numel,), torch.float32, device)
+        q = self._state.get("q")
+        if q is None or q.numel() != layout.q_numel:
+            q = self._state["q"] = torch.empty(layout.q_numel, dtype=torch.float32)
+            gen = torch.Generator().manual_seed(int(np.random.RandomState(self.random_seed).randint(1_000_000_000)))
+            start = 0
+            for _, _, m, r in layout.matrices:
+                q[start:start + m * r].copy_(torch.randn(m * r, generator=gen))
+                start += m * r
+        if q.device != torch.device(device):
+            q = self._state["q"] = q.to(device)
+        return p, q
+
+    # -- exchange -----------------------------------------------------------------------------
+    def all_reduce_flat_(self, flat: torch.Tensor, n: int, shapes: Optional[Sequence[torch.Size]] = None) -> CommStats:
+        if shapes is None:
+            raise ValueError("powersgd needs the gradients' shapes (all_reduce_ passes them)")
+        world, rank = _world()
+        stats = CommStats()
+        x = flat[:n]
+        if rank in self.byzantine_ranks:
+            corrupt_(x, self.byzantine_mode, self.generator)
+        layout = self._layout(shapes)
+        err = self._buffer("error", n, x)
+        x.add_(err)
+        before = self._ws.get("before", (n,), torch.float32, x.device).copy_(x)
+        p_mem, q_mem = self._factors(layout, x.device)
+
+        vec = self._ws.get("vectors", (layout.v_numel,), torch.float32, x.device)
+        start = 0
+        for offset, numel in layout.vectors:
+            vec[start:start + numel].copy_(x[offset:offset + numel])
+            start += numel
+        self._all_reduce(stats, vec, world)
+        vec.div_(world)
+        start = 0
+        for offset, numel in layout.vectors:
+            x[offset:offset + numel].copy_(vec[start:start + numel])
+            start += numel
+
+        views = self._views(layout, x, p_mem, q_mem)
+        for matrix, p, q in views:
+            _orthogonalize(q, EPSILON)
+            torch.bmm(matrix, q, out=p)
+        self._all_reduce(stats, p_mem, world)
+        for matrix, p, q in views:
+            _orthogonalize(p, EPSILON)
+            torch.bmm(matrix.transpose(1, 2), p, out=q)
+        self._all_reduce(stats, q_mem, world)
+        q_mem.div_(world)
+        for matrix, p, q in views:
+            torch.bmm(p, q.transpose(1, 2), out=matrix)
+        torch.sub(before, x, out=err)
+        return stats
+
+    @staticmethod
+    def _views(layout: _Layout, x, p_mem, q_mem):
+        views, p_at, q_at = [], 0, 0
+        for offset, n, m, r in layout.matrices:
+            views.append((x[offset:offset + n * m].view(1, n, m), p_mem[p_at:p_at + n * r].view(1, n, r),
+                          q_mem[q_at:q_at + m * r].view(1, m, r)))
+            p_at += n * r
+            q_at += m * r
+        return views
+
+    @staticmethod
+    def _all_reduce(stats: CommStats, buf: torch.Tensor, world: int) -> None:
+        if world == 1 or buf.numel() == 0:
+            return
+        _timed(stats, buf.device, tdist.all_reduce, buf)
+        stats.bytes_sent += int(2 * (world - 1) * buf.numel() * buf.element_size() / world)
+
+    # -- single tensor: one rank's factors, as a receiver would rebuild them ------------------
+    def encode(self, tensor: torch.Tensor) -> Payload:
+        """The fp32 factors P, Q of ``tensor`` (or the tensor itself, if not worth compressing)."""
+        flat = tensor.detach().float().reshape(-1).clone()
+        shape = tensor.shape
+        layout = self._layout([shape])
+        if not layout.matrices:
+            return Payload(flat.view(torch.uint8), shape, tensor.dtype)
+        _, n, m, r = layout.matrices[0]
+        q = torch.randn(1, m, r, generator=torch.Generator().manual_seed(self.random_seed))
+        _orthogonalize(q, EPSILON)
+        p = torch.bmm(flat.view(1, n, m), q)
+        _orthogonalize(p, EPSILON)
+        q = torch.bmm(flat.view(1, n, m).transpose(1, 2), p)
+        return Payload(torch.cat([p.reshape(-1), q.reshape(-1)]).view(torch.uint8), shape, tensor.dtype)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        values = payload.data.view(torch.float32)
+        layout = self._layout([payload.shape])
+        if not layout.matrices:
+            return values.view(payload.shape).to(payload.dtype)
+        _, n, m, r = layout.matrices[0]
+        p, q = values[:n * r].view(n, r), values[n * r:].view(m, r)
+        return (p @ q.T).view(payload.shape).to(payload.dtype)
