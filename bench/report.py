@@ -21,7 +21,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS, PLOTS, REPORT = BENCH / "results", BENCH / "plots", BENCH / "REPORT.md"
-ORDER = ["step_cost", "engine_overhead", "link", "compress", "accuracy", "quantization"]
+ORDER = ["gpu", "step_cost", "engine_overhead", "link", "compress", "large_batch", "accuracy", "quantization",
+         "loader", "faults"]
 TITLES = {"step_cost": "Step cost per training method (dat-ds vs a bare PyTorch loop)",
           "compress": "Gradient exchange per compressor (codec micro-benchmark, loopback)"}
 
@@ -167,12 +168,32 @@ def render_legacy(name: str, data: dict) -> str:
         values = {m: v["dat-ds"] / r["natural"]["dat-ds"] for m, v in r.items()}
         out += [f"![ratio to natural]({plot_bars(name, 'time per update / natural (dat-ds)', values, data, 0)})", ""]
     if name == "compress":
+        out += render_codec(data.get("codec"), data)
         h = data["table"]["headers"]
         col = h.index("model vs fp32")
         values = {row[0]: float(row[col]) for row in data["table"]["rows"]}
         out += [f"![1 Gbit/s model]({plot_bars(name, 'modeled exchange time on 1 Gbit/s / fp32', values, data, 0)})",
                 ""]
     return "\n".join(out)
+
+
+def render_codec(codec, data: dict) -> list:
+    """The one-thread codec table of ``compress.json`` (before/after, GB/s per core, ratio to a copy)."""
+    if not codec:
+        return []
+    out = ["### Codec on one core: encode + decode, before and after, against a copy of the buffer", "",
+           md_table(codec["table"]["headers"], codec["table"]["rows"]), ""]
+    if codec.get("compile_seconds"):
+        total = sum(codec["compile_seconds"].values())
+        out += [f"First call of each compiled kernel in this run (inductor compiles it, or loads it from its "
+                f"on-disk cache): {len(codec['compile_seconds'])} kernels, {total:.0f} s in all.", ""]
+    results = codec["results"]
+    values = {k: v["after_gbps_per_core"] for k, v in results.items()
+              if k != "copy" and v.get("compressor") != "none"}      # none has no codec: nothing to time
+    if values:
+        title = "encode+decode GB/s per core (after)"
+        out += [f"![codec GB/s per core]({plot_bars('compress', title, values, data, 1)})", ""]
+    return out
 
 
 def load_section(all_data: dict) -> str:
@@ -194,6 +215,16 @@ def gpu_section(all_data: dict) -> str:
             "`make bench` records the GPU in every results file.")
 
 
+def own_renderers() -> dict:
+    """Results files whose tables have a renderer of their own, in ``bench/report_*.py``."""
+    sys.path.insert(0, str(BENCH))
+    from report_faults import render_faults
+    from report_gpu import render_gpu
+    from report_large_batch import render as render_large_batch
+    from report_loader import render_loader
+    return {"faults": render_faults, "gpu": render_gpu, "large_batch": render_large_batch, "loader": render_loader}
+
+
 def main():
     files = sorted(RESULTS.glob("*.json"))
     all_data = {f.stem: json.loads(f.read_text()) for f in files}
@@ -204,12 +235,19 @@ def main():
              "compare ratios, not absolute seconds, across machines.", "", gpu_section(all_data), "",
              load_section(all_data), "",
              "Contents: " + ", ".join(f"`{n}`" for n in names), ""]
+    renderers = own_renderers()
     for n in names:
         data = all_data[n]
         try:
-            parts.append(render_generic(n, data) if "rows" in data else render_legacy(n, data))
+            if n in renderers:
+                parts.append(renderers[n](n, data))
+            else:
+                parts.append(render_generic(n, data) if "rows" in data else render_legacy(n, data))
         except (KeyError, TypeError, ValueError) as err:
             parts.append(f"## {n}\n\n(could not render `results/{n}.json`: {err!r})\n")
+    extra = BENCH / "REPORT_README_RESULTS.md"  # measured results quoted from runs of the recipes
+    if extra.exists():
+        parts += ["", extra.read_text().rstrip()]
     REPORT.write_text("\n".join(parts).rstrip() + "\n")
     print(f"written: {REPORT}")
 

@@ -71,7 +71,7 @@ def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[
     the weights themselves hold (a transformers config), so a moved model folder does not matter.
 
     ``weights="ema"`` loads the exponential moving average of the weights when the run kept one
-    (``meta["weights"]`` says which were loaded); ``"raw"`` the optimizer's own weights."""
+    (``meta["weights"]`` is then ``"ema"``); ``"raw"`` the optimizer's own weights."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights must be ema or raw, got {weights!r}")
     state = read_states(model_file)
@@ -82,7 +82,6 @@ def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[
     except RuntimeError as err:
         raise ValueError(f"checkpoint {model_file} does not fit backbone {meta['backbone']!r} "
                          f"(stem {meta.get('stem', 'auto')!r}): {_mismatch(model, state['module'], err)}") from None
-    meta["weights"] = "raw"
     average = _ema_state(model_file) if weights == "ema" else None
     if average:
         model.load_state_dict({**model.state_dict(), **average["params"], **average["buffers"]}, strict=True)

@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
     settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
                 "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
-                "weights": meta["weights"],
+                "weights": meta.get("weights", "raw"),
                 "eps": specs["eps"], "seed": args.seed,
                 "batch_size": args.batch_size, "world_size": dist.world_size(), "eval_s": time.perf_counter() - t0}
     summary = summarize(table, specs, settings)

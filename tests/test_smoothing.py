@@ -311,7 +311,9 @@ def smooth_run(tmp_path_factory):
 def test_smooth_at_then_certify_single_process(smooth_run, tmp_path):
     config = json.loads((smooth_run / "config.json").read_text())
     assert config["attack"] == "smooth_pgd_l2" and config["loss"] == "smooth"
-    assert config["attack_kwargs"] == config["loss_kwargs"] == {"sigma": 0.3, "noise_copies": 2}
+    # every setting of a component lives in its settings: --steps 1 with the attack's noise
+    assert config["attack_kwargs"] == {"sigma": 0.3, "noise_copies": 2, "steps": 1}
+    assert config["loss_kwargs"] == {"sigma": 0.3, "noise_copies": 2}
     summary = json.loads((smooth_run / "summary.json").read_text())
     assert summary["eval_attack"] == "pgd_l2-2" and "SmoothPGDL2" in summary["attack_settings"]
 
