@@ -381,7 +381,18 @@ def codec_one(name: str, source: torch.Tensor, shapes: list, plan: Plan, clock: 
 
 
 def nccl_section(plan: Plan, device: torch.device, clock: Clock, deadline: float) -> dict:
-    """``plan.dist_steps`` DAT steps per compressor on ranks spawned over the machine's GPUs."""
+    """``plan.dist_steps`` DAT steps per compressor on ranks spawned over the machine's GPUs; a
+    rendezvous port taken by another process between its choice and its use is chosen anew."""
+    for attempt in range(3):
+        try:
+            return _spawned_steps(plan, device, deadline)
+        except RuntimeError as err:
+            if "EADDRINUSE" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _spawned_steps(plan: Plan, device: torch.device, deadline: float) -> dict:
     import torch.multiprocessing as mp
     world = torch.cuda.device_count() if device.type == "cuda" else 1
     ctx = mp.get_context("spawn")

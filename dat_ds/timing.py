@@ -60,6 +60,13 @@ class Timers:
         finally:
             self.seconds[name] += time.perf_counter() - t0
 
+    def add(self, name: str, seconds: float = 0.0, events: Optional[List[EventPair]] = None) -> None:
+        """Time measured elsewhere: ``seconds`` of wall time, or CUDA ``events`` recorded on another
+        stream (e.g. an attack running beside the update), read at :meth:`reset`."""
+        self.seconds[name] += seconds
+        if events:
+            self._events[name].extend(events)
+
     def move(self, source: str, target: str, seconds: float = 0.0, events: Optional[List[EventPair]] = None) -> None:
         """Re-attribute time measured inside ``source`` to ``target``: ``seconds`` of wall time, or
         the time between CUDA ``events`` (read later)."""

@@ -124,6 +124,7 @@ def test_manifest_and_weights_record_normalization_size_and_classes(exported):
     assert config["id2label"]["9"] == "9"
 
 
+@pytest.mark.slow  # a training run and two export runs (~25 s); the formats are checked in the fast suite
 def test_the_recipe_exports_a_run_and_refuses_bad_input(exported, tmp_path):
     root = exported[0]
     r = run_recipe(["--checkpoint", root / "ckpt" / "hf_resnet", "--out", tmp_path / "cli"], script=EXPORT)

@@ -144,7 +144,8 @@ def wait_for(path: Path, proc, timeout=600):
     raise AssertionError(f"{path} never appeared")
 
 
-@pytest.mark.parametrize("stopped, factor", [(1, 1.0), pytest.param(0, 1.0, marks=pytest.mark.slow),
+@pytest.mark.parametrize("stopped, factor", [pytest.param(1, 1.0, marks=pytest.mark.slow),
+                                             pytest.param(0, 1.0, marks=pytest.mark.slow),
                                              pytest.param(1, 20.0, marks=pytest.mark.slow)],
                          ids=["rank1-watchdog", "rank0-store-host", "rank1-process-group-timeout"])
 def test_a_stopped_rank_is_named_and_the_others_exit_4(tmp_path, stopped, factor):

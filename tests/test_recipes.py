@@ -64,6 +64,7 @@ def final_weights(out):
     return torch.load(path, weights_only=True)["module"]
 
 
+@pytest.mark.slow  # three runs (~20 s); mid-epoch resume is exact in test_resume.py too
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     """Weights, optimizer, schedule, RNG and the error-feedback residual all survive a stop + --resume."""
     args = [*QUICK, "--epochs", "2", "--compressor", "ef_sign"]

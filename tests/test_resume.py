@@ -89,6 +89,7 @@ def test_sigkill_of_one_rank_mid_epoch_then_resume_equals_straight_run(tmp_path,
     assert [row["epoch"] for row in rows] == [0, 1]
 
 
+@pytest.mark.slow  # two 2-rank runs (~25 s); the SIGKILL case stays in the fast suite
 def test_sigterm_to_the_launcher_saves_then_resume_equals_straight_run(tmp_path, straight):
     out = tmp_path / "terminated"
     proc = launch([*RUN, "--output-dir", out])
@@ -118,7 +119,7 @@ ORACLE_RUN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", 
 
 
 @pytest.mark.parametrize("oracle", [
-    pytest.param(["--attack", "conadv", "--tau", "2", "--epochs", "2"], id="conadv_tau2"),
+    pytest.param(["--attack", "conadv", "--tau", "2", "--epochs", "2"], id="conadv_tau2", marks=pytest.mark.slow),
     pytest.param(["--attack", "free", "--steps", "2", "--epochs", "4", "--compressor", "ef_sign"], id="free2_ef_sign",
                  marks=pytest.mark.slow)])
 def test_single_process_kill_mid_epoch_resume_is_exact(tmp_path, oracle):

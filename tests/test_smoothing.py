@@ -265,6 +265,7 @@ def test_smooth_objective_is_the_mean_cross_entropy_over_m_noisy_copies(noisy_mo
 
 # --- two ranks --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 2-rank training and certification (~16 s)
 def test_two_ranks_split_the_draws_and_certify_like_one_rank(tmp_path):
     """2 ranks (deepspeed launcher) and 1 process give identical counts; Smooth-AT batches m x micro per rank."""
     two, one = tmp_path / "two", tmp_path / "one"

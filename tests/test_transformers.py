@@ -187,6 +187,7 @@ def test_evaluate_runs_pgd_and_autoattack_on_it(vit_run):
     assert s["autoattack"]["robust_acc"] <= s["pgd"][0]["robust_acc"] <= s["clean_acc"]
 
 
+@pytest.mark.slow  # a second training run (~7 s)
 def test_finetune_replaces_the_transformers_head(vit_run):
     out = vit_run.parent / "finetune"
     r = run_recipe(["--from", vit_run, "--dataset", "fashion_mnist", "--classes", "0-4", *TINY, "--epochs", "1",
@@ -197,6 +198,7 @@ def test_finetune_replaces_the_transformers_head(vit_run):
     assert s["loaded_tensors"] > 10 and s["backbone"].startswith("transformers:")
 
 
+@pytest.mark.slow  # stop and resume under the launcher (~15 s)
 def test_resume_and_trades_with_qsgd_on_convnext(folders, tmp_path):
     args = ["--backbone", f"transformers:{folders['convnext']}", *TINY, "--loss", "trades", "--compressor", "qsgd",
             "--output-dir", tmp_path / "run"]

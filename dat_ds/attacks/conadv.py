@@ -73,18 +73,24 @@ class ConAdv(PGD):
             x.record_stream(self._stream)
             y.record_stream(self._stream)
             with torch.cuda.stream(self._stream):
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self._stream)
                 self._snapshot(model)
                 copied = torch.cuda.Event()
                 copied.record(self._stream)
                 x_adv = self.perturb(self._attacker, x, y)
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(self._stream)
             main.wait_event(copied)  # the update may change the weights only once they are copied
-            return x_adv, self._stream
+            return x_adv, self._stream, (start, end)
         self._snapshot(model)
-        return self.perturb(self._attacker, x, y), None
+        return self.perturb(self._attacker, x, y), None, None
 
     @staticmethod
     def collect(handle) -> torch.Tensor:
-        x_adv, stream = handle
+        """The adversarial batch of a :meth:`launch` handle ``(x_adv, stream, events)``, ready for
+        the current stream."""
+        x_adv, stream = handle[0], handle[1]
         if stream is not None:
             torch.cuda.current_stream(x_adv.device).wait_stream(stream)
             x_adv.record_stream(torch.cuda.current_stream(x_adv.device))

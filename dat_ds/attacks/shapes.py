@@ -105,17 +105,28 @@ class LookAhead(StepShape):
             current = next(batches, None)
             if current is None:
                 return
-            with ctx.timers("attack"), ctx.autocast():
-                handle = attack.launch(ctx.model, *current)
+            handle = self._launch(ctx, attack, *current)
         for following in batches:
             x_adv = attack.collect(handle)
-            with ctx.timers("attack"), ctx.autocast():  # runs beside the update of `current` on a GPU
-                handle = attack.launch(ctx.model, *following)
+            handle = self._launch(ctx, attack, *following)  # runs beside the update of `current` on a GPU
             ctx.carry["pending"] = (following, handle)
             yield current[0], current[1], ((x_adv, None),)
             current = following
         ctx.carry.pop("pending", None)
         yield current[0], current[1], ((attack.collect(handle), None),)
+
+    @staticmethod
+    def _launch(ctx, attack, x, y):
+        """Start the attack; on a GPU it runs on a side stream, so the time is its own events
+        there (the main stream only sees the enqueue), read when the timers are."""
+        if x.is_cuda:
+            with ctx.autocast():
+                handle = attack.launch(ctx.model, x, y)
+            if handle[2] is not None and hasattr(ctx.timers, "add"):
+                ctx.timers.add("attack", events=[handle[2]])
+            return handle
+        with ctx.timers("attack"), ctx.autocast():
+            return attack.launch(ctx.model, x, y)
 
     def carry_state(self, ctx, attack) -> dict:
         pending = ctx.carry.get("pending")
@@ -127,4 +138,4 @@ class LookAhead(StepShape):
     def load_carry(self, ctx, state, device) -> None:
         if state:
             x, y, x_adv = (state[k].to(device) for k in ("x", "y", "x_adv"))
-            ctx.carry["pending"] = ((x, y), (x_adv, None))
+            ctx.carry["pending"] = ((x, y), (x_adv, None, None))
