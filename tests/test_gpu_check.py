@@ -5,7 +5,6 @@ every section of it. The real results file, ``bench/results/gpu.json``, is never
 """
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import clean_env
 from dat_ds import compress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "gpu.json"
     real = ROOT / "bench" / "results" / "gpu.json"
     before = real.stat().st_mtime_ns if real.exists() else None
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    # without the one-rank world that in-process tests leave in this process's environment (its port is taken)
+    env = clean_env({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"})
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
