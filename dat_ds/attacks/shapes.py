@@ -23,6 +23,8 @@ from typing import Callable, ContextManager, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..timing import Timers
+
 MicroStep = Tuple[torch.Tensor, Optional[Callable[[bool], None]]]
 
 
@@ -31,7 +33,7 @@ class StepContext:
     """What a shape may use: the model attacks run on (``engine.module``), phase timers, the
     engine's autocast, and ``carry`` (state a mid-epoch checkpoint must keep)."""
     model: nn.Module
-    timers: Callable[[str], ContextManager] = lambda name: contextlib.nullcontext()
+    timers: Timers = field(default_factory=Timers)
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     carry: dict = field(default_factory=dict)
 
@@ -122,7 +124,7 @@ class LookAhead(StepShape):
         if x.is_cuda:
             with ctx.autocast():
                 handle = attack.launch(ctx.model, x, y)
-            if handle[2] is not None and hasattr(ctx.timers, "add"):
+            if handle[2] is not None:
                 ctx.timers.add("attack", events=[handle[2]])
             return handle
         with ctx.timers("attack"), ctx.autocast():
