@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -85,3 +86,30 @@ def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None, port=None):
            *map(str, args)]
     full_env = clean_env(env)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` with ``options`` (e.g. ``size=1m`` or ``size=1m,ro``; the tests run
+    as root); the test is skipped where mounting is not permitted. Unmounted on exit."""
+    import subprocess
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the file system under ``directory`` to its last block; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, fill_disk, mounted_tmpfs
 from dat_ds import faults
 from dat_ds.dist import free_port
 from dat_ds.metrics import append_lines, write_text_atomic
@@ -23,29 +23,14 @@ SCRIPTS = ROOT / "tests" / "scripts"
 @pytest.fixture
 def tmpfs(tmp_path):
     """A 1 MiB tmpfs (the tests run as root); skipped where mounting is not permitted."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(directory: Path) -> None:
-    """Fill the file system under ``directory`` up to its last block."""
-    with open(directory / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=1m") as mnt:
+        yield mnt
 
 
 def test_metrics_lines_are_whole_or_absent_on_a_full_disk(tmpfs):
     path = tmpfs / "metrics.jsonl"
     append_lines(path, [json.dumps({"epoch": 0, "loss": 1.0})])
-    fill(tmpfs)
+    fill_disk(tmpfs)
     with pytest.raises(faults.WriteFailed, match=f"cannot write {path}: no space left on the device"):
         append_lines(path, [json.dumps({"epoch": 1, "pad": "x" * 20000})])
     assert path.read_text() == '{"epoch": 0, "loss": 1.0}\n', "the failed line was cut back, not left half-written"
@@ -54,7 +39,7 @@ def test_metrics_lines_are_whole_or_absent_on_a_full_disk(tmpfs):
 def test_atomic_json_keeps_the_old_file_on_a_full_disk(tmpfs):
     path = tmpfs / "summary.json"
     write_text_atomic(path, "old\n")
-    fill(tmpfs)
+    fill_disk(tmpfs)
     with pytest.raises(faults.WriteFailed, match="no space left"):
         write_text_atomic(path, "new" * 100000)
     assert path.read_text() == "old\n"
@@ -64,7 +49,7 @@ def test_atomic_json_keeps_the_old_file_on_a_full_disk(tmpfs):
 def test_torch_save_failure_names_the_cause(tmpfs):
     """torch's archive writer raises a bare RuntimeError; the errno is found in its chain."""
     from dat_ds.checkpoint import _torch_save, _write_atomic
-    fill(tmpfs)
+    fill_disk(tmpfs)
     target = tmpfs / "rank0.pt"
     with pytest.raises(faults.WriteFailed, match=f"cannot write {target}: no space left on the device"):
         _write_atomic(target, lambda tmp: _torch_save({"x": torch.zeros(100000)}, tmp))
@@ -72,18 +57,11 @@ def test_torch_save_failure_names_the_cause(tmpfs):
 
 
 def test_read_only_file_system_is_named(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         with pytest.raises(faults.WriteFailed, match="read-only file system"):
             append_lines(mnt / "metrics.jsonl", ["{}"])
         with pytest.raises(faults.WriteFailed, match="read-only file system"):
             write_text_atomic(mnt / "config.json", "{}")
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.parametrize("message, kind, code", [

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, run_deepspeed, run_recipe
+from conftest import ROOT, clean_env, fill_disk, mounted_tmpfs, run_deepspeed, run_recipe
 from dat_ds.dist import free_port
 from dat_ds.engine import COMPLETE, complete_checkpoints
 
@@ -294,25 +294,8 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_then_resume_equals_strai
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs for a run's outputs (the tests run as root); skipped where mounting is not permitted."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill_disk(directory):
-    """Fill the file system under ``directory`` to its last block; returns the filler file."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
+    with mounted_tmpfs(tmp_path / "disk", "size=64m") as mnt:
+        yield mnt
 
 
 @pytest.mark.slow
