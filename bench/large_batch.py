@@ -14,15 +14,17 @@ Design (every choice on a validation split, the test set only for the final tabl
   ``--micro`` x gradient accumulation (accumulation is the same arithmetic as more ranks;
   BatchNorm sees ``--micro`` samples in every run); optimizers and LR rules come from the shipped
   ds_configs (``lamb_fp32.json``, ``sgd_momentum.json``, ``lsgd.json``) with only the batch fields
-  and the LR multiplier replaced;
+  and the LR replaced (``REFERENCE_LR`` times the run's multiplier);
 * ``sweep``: PGD training, seed 0, each method at its sweep batch (AT batch for AT, 8x for DAT)
-  with the config's LR times each multiplier of the method's grid; the best multiplier by
+  with the reference LR times each multiplier of the method's grid; the best multiplier by
   validation PGD accuracy is used for every final run of that method. At 16x the config's LR
   rule (``lr_rule``) scales it: 16x tests the rule, not a second sweep. LSGD is AT-SGD's chosen
   LR scaled linearly with the batch plus gradual warm-up (Goyal et al.), so it has no sweep;
 * ``final``: PGD training at every batch and FGSM-RS training at AT's batch and ``--fgsm-scales``,
   ``--seeds`` seeds each (the sweep's seed-0 run is reused);
 * ``ema``: AT-SGD and DAT-LAMB 8x again with ``"ema"`` in the ds_config;
+* ``epochs``: DAT-LAMB and DAT-SGD at 8x with each of ``--more-epochs`` epochs (seed 0, the LR chosen
+  at ``--epochs``): how many epochs large-batch DAT needs to reach AT's RA at ``--epochs``;
 * ``evaluate``: PGD-10 on the 10,000 test images and AutoAttack (standard) on the first
   ``--aa-limit`` of them, through ``recipes/evaluate.py``, on the validation-best checkpoint.
 
@@ -32,7 +34,7 @@ study runs in parts::
 
     python bench/large_batch.py --plan                          # what is done, what is left, estimate
     python bench/large_batch.py --part sweep --max-minutes 60   # a slice; run again to go on
-    python bench/large_batch.py --part final ema evaluate
+    python bench/large_batch.py --part final ema epochs evaluate   # evaluate: the runs of the parts named
     python bench/large_batch.py --part table                    # large_batch.json + plot from stored runs
 
 ``--part pilot`` trains one AT and one DAT run on a slice of the data (stored apart, never in
@@ -59,7 +61,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import RESULTS, machine, save  # noqa: E402
 
 RUNS = RESULTS / "large_batch_runs"
-PARTS = ("pilot", "sweep", "final", "ema", "evaluate", "table")
+# The LR each sweep multiplier applies to: the shipped configs' LR when the study was designed. The
+# configs have since taken the study's choices; a fixed reference keeps every stored run's key meaning
+# the same LR.
+REFERENCE_LR = {"lamb_fp32.json": 0.05, "sgd_momentum.json": 0.1, "lsgd.json": 0.1}
+PARTS = ("pilot", "sweep", "final", "ema", "epochs", "evaluate", "table")
 ATTACK_LABEL = {"pgd": "PGD", "fgsm_rs": "FGSM"}
 
 
@@ -70,7 +76,7 @@ class Method:
     optimizer: str  # row label: LAMB, SGD, LSGD
     config: str  # ds_configs/<config>
     scale: int  # global batch = scale x --at-batch
-    lr_grid: tuple  # multipliers of the config's lr; () = no sweep of its own (LSGD: AT's choice)
+    lr_grid: tuple  # multipliers of REFERENCE_LR; () = no sweep of its own (LSGD: AT's choice)
 
 
 def methods(scales=(8, 16), at_lamb: bool = False) -> List[Method]:
@@ -96,13 +102,14 @@ class Run:
     attack: str
     seed: int
     lr_mult: float
-    phase: str  # sweep | final | ema | pilot
+    phase: str  # sweep | final | ema | epochs | pilot
     ema: bool = False
+    epochs: Optional[int] = None  # None: --epochs
 
     def key(self, args) -> str:
         m = self.method
         return (f"{self.phase}-{self.attack}-{m.name}-{m.optimizer}-b{m.scale * args.at_batch}-lr{self.lr_mult:g}"
-                f"-s{self.seed}{'-ema' if self.ema else ''}")
+                f"-s{self.seed}{'-ema' if self.ema else ''}{f'-e{self.epochs}' if self.epochs else ''}")
 
     @property
     def label(self) -> str:
@@ -112,7 +119,8 @@ class Run:
 # --- configs and subprocesses ----------------------------------------------------------------
 
 def ds_config(run: Run, args) -> dict:
-    """The shipped config of the run's optimizer with this batch, LR multiplier and (maybe) EMA."""
+    """The shipped config of the run's optimizer with this batch, the reference LR times the run's
+    multiplier, and (maybe) EMA."""
     cfg = json.loads((ROOT / "ds_configs" / run.method.config).read_text())
     global_batch = run.method.scale * args.at_batch
     if global_batch % (args.ranks * args.micro):
@@ -120,7 +128,7 @@ def ds_config(run: Run, args) -> dict:
     cfg.pop("train_batch_size", None)
     cfg.update(train_micro_batch_size_per_gpu=args.micro,
                gradient_accumulation_steps=global_batch // (args.ranks * args.micro))
-    cfg["optimizer"]["params"]["lr"] = cfg["optimizer"]["params"]["lr"] * run.lr_mult
+    cfg["optimizer"]["params"]["lr"] = REFERENCE_LR[run.method.config] * run.lr_mult
     if run.ema:
         cfg["ema"] = {"decay": args.ema_decay, "warmup": True}
     return cfg
@@ -153,7 +161,8 @@ def train(run: Run, args, port: int) -> dict:
     cfg_path = out.with_suffix(".ds_config.json")
     cfg_path.write_text(json.dumps(ds_config(run, args), indent=1))
     recipe = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(cfg_path), "--backbone", args.backbone,
-              "--stem", args.stem, "--eps", str(args.eps), "--attack", run.attack, "--epochs", str(args.epochs),
+              "--stem", args.stem, "--eps", str(args.eps), "--attack", run.attack,
+              "--epochs", str(run.epochs or args.epochs),
               "--holdout", str(args.holdout), "--eval-limit", str(args.train_eval_limit),
               "--eval-steps", "10", "--seed", str(run.seed), "--output-dir", str(out), "--resume"]
     if run.attack == "pgd":
@@ -169,8 +178,8 @@ def train(run: Run, args, port: int) -> dict:
     if run.ema and "ema" not in summary:
         raise RuntimeError(f"{key}: the trainer ignored the ds_config's \"ema\" block (no \"ema\" in summary.json)")
     return {"key": key, "run": {**asdict(run), "method": asdict(run.method)}, "output_dir": _relative(out),
-            "global_batch_size": summary["global_batch_size"], "updates": summary["global_step"],
-            "epochs": args.epochs, "peak_lr": _peak_lr(out.with_suffix(".log")),
+            "global_batch_size": summary["global_batch_size"], "updates": _updates(epochs),
+            "epochs": run.epochs or args.epochs, "peak_lr": _peak_lr(out.with_suffix(".log")),
             "val_robust_acc": max((e.get("holdout_pgd_acc", 0.0) for e in epochs), default=None),
             "val_clean_acc": max((e.get("holdout_clean_acc", 0.0) for e in epochs), default=None),
             "best_epoch": summary.get("best_epoch"), "stopped_early": summary.get("stopped_early"),
@@ -180,6 +189,12 @@ def train(run: Run, args, port: int) -> dict:
             "curve": [[e["epoch"] + 1, e.get("holdout_pgd_acc")] for e in epochs],
             "settings": {k: getattr(args, k) for k in ("backbone", "stem", "eps", "pgd_steps", "holdout", "micro",
                                                        "ranks", "train_limit")}}
+
+
+def _updates(epochs: List[dict]) -> int:
+    """Optimizer steps the run took (the last epoch's ``global_step``; ``summary.json`` reports the
+    step of the validation-best weights it ends with)."""
+    return max(e["global_step"] for e in epochs)
 
 
 def _peak_lr(log: Path) -> Optional[float]:
@@ -204,7 +219,7 @@ def evaluate(record: dict, args, port: int) -> dict:
     common = ["recipes/evaluate.py", "--checkpoint", ckpt, "--eps-sweep", "--steps-sweep", "--batch-size", "250"]
     result = {"eval_walls": {}, "eval_cpu": {}}
     passes = [("pgd", ["--pgd-steps", "10", "--no-autoattack"] + _limit(args.test_limit))]
-    if args.aa_limit and record["run"]["seed"] < args.aa_seeds:
+    if args.aa_limit and record["run"]["seed"] < args.aa_seeds and (args.aa_all or headline(record, args)):
         passes.append(("autoattack", ["--pgd-steps", "1", "--autoattack", "--eval-limit", str(args.aa_limit)]))
     for name, flags in passes:
         eval_dir = out / f"eval_{name}"
@@ -228,6 +243,14 @@ def evaluate(record: dict, args, port: int) -> dict:
     return result
 
 
+def headline(record: dict, args) -> bool:
+    """Whether a run belongs to the rows the goal is judged on: PGD training at AT's batch or the
+    smallest DAT batch, no EMA, ``--epochs`` epochs (AutoAttack, the costly part, runs on these)."""
+    run = record["run"]
+    return (run["attack"] == "pgd" and not run["ema"] and not run.get("epochs")
+            and run["method"]["scale"] in (1, min(args.scales)))
+
+
 def _limit(n: Optional[int]) -> list:
     return ["--eval-limit", str(n)] if n else []
 
@@ -246,13 +269,36 @@ def store(record: dict) -> None:
     os.replace(tmp, RUNS / f"{record['key']}.json")
 
 
+def study_runs(args) -> List[Run]:
+    return final_runs(args) + final_runs(args, "ema") + final_runs(args, "epochs")
+
+
 def all_methods(args) -> List[Method]:
     return methods(args.scales, args.at_lamb)
 
 
 def sweep_runs(args) -> List[Run]:
     return [Run(m, "pgd", 0, mult, "sweep") for m in all_methods(args)
-            if m.scale in (1, min(args.scales)) for mult in m.lr_grid]
+            if m.scale in (1, min(args.scales)) for mult in grid(m, args)]
+
+
+def grid(method: Method, args) -> Tuple[float, ...]:
+    """The method's LR multipliers, widened by a factor of 2 past an end of the grid while the best
+    stored run of the sweep sits on that end (at most ``--grid-extend`` times): a best LR on the edge
+    of the grid has not been found."""
+    mults = tuple(method.lr_grid)
+    for _ in range(args.grid_extend if mults else 0):
+        records = [load_record(Run(method, "pgd", 0, m, "sweep").key(args)) for m in mults]
+        if any(r is None for r in records):
+            break
+        best = max(records, key=lambda r: (r["val_robust_acc"], r["val_clean_acc"]))["run"]["lr_mult"]
+        if best == mults[-1]:
+            mults = mults + (mults[-1] * 2,)
+        elif best == mults[0]:
+            mults = (mults[0] / 2,) + mults
+        else:
+            break
+    return mults
 
 
 def chosen_mult(method: Method, args) -> Optional[float]:
@@ -265,7 +311,7 @@ def chosen_mult(method: Method, args) -> Optional[float]:
         return chosen_mult(all_methods(args)[0], args)
     swept = Method(method.name, method.optimizer, method.config, 1 if method.name == "AT" else min(args.scales),
                    method.lr_grid)
-    records = [load_record(Run(swept, "pgd", 0, mult, "sweep").key(args)) for mult in swept.lr_grid]
+    records = [load_record(Run(swept, "pgd", 0, mult, "sweep").key(args)) for mult in grid(swept, args)]
     if any(r is None for r in records):
         return None
     best = max(records, key=lambda r: (r["val_robust_acc"], r["val_clean_acc"]))
@@ -285,6 +331,10 @@ def final_runs(args, phase: str = "final", choose=None) -> List[Run]:
         if phase == "ema":
             if (m.name, m.optimizer, m.scale) in (("AT", "SGD", 1), ("DAT", "LAMB", min(args.scales))):
                 runs += [Run(m, "pgd", s, mult, "ema", ema=True) for s in range(args.seeds)]
+            continue
+        if phase == "epochs":
+            if m.name == "DAT" and m.lr_grid and m.scale == min(args.scales):
+                runs += [Run(m, "pgd", 0, mult, "epochs", epochs=e) for e in args.more_epochs]
             continue
         for attack in args.attacks:
             if attack == "fgsm_rs" and m.scale not in (1, *args.fgsm_scales):
@@ -337,14 +387,15 @@ def _pct(v) -> str:
 def rows(args) -> List[dict]:
     """One row per (attack, method, optimizer, batch, EMA) over its evaluated seeds."""
     groups: Dict[tuple, list] = {}
-    for run in final_runs(args) + final_runs(args, "ema"):
+    for run in study_runs(args):
         rec = load_record(run.key(args))
         if rec is not None and "robust_acc" in rec:
             m = run.method
-            groups.setdefault((run.attack, m.name, m.optimizer, m.scale, run.ema), []).append(rec)
+            groups.setdefault((run.attack, m.name, m.optimizer, m.scale, run.ema, run.epochs or args.epochs),
+                              []).append(rec)
     out = []
-    for (attack, name, opt, scale, ema), recs in sorted(groups.items(), key=lambda g: (g[0][0] != "pgd", g[0][3],
-                                                                                        g[0][1:3], g[0][4])):
+    for (attack, name, opt, scale, ema, epochs), recs in sorted(
+            groups.items(), key=lambda g: (g[0][0] != "pgd", g[0][5], g[0][3], g[0][1:3], g[0][4])):
         ra = [r["robust_acc"] for r in recs]
         aa = [r["autoattack_acc"] for r in recs if r.get("autoattack_acc") is not None]
         out.append({"method": f"{name}-{ATTACK_LABEL[attack]}" + (" + EMA" if ema else ""), "attack": attack,
@@ -354,7 +405,9 @@ def rows(args) -> List[dict]:
                     "robust_acc_mean": statistics.fmean(ra),
                     "robust_acc_std": statistics.stdev(ra) if len(ra) > 1 else None,
                     "autoattack_acc_mean": statistics.fmean(aa) if aa else None, "autoattack_seeds": len(aa),
-                    "updates": recs[0]["updates"], "epochs": recs[0]["epochs"],
+                    "autoattack_samples": max((r.get("autoattack_samples", 0) for r in recs), default=0) or None,
+                    "test_samples": recs[0]["test_samples"],
+                    "updates": recs[0]["updates"], "epochs": epochs, "phase": recs[0]["run"]["phase"],
                     "wall_s": statistics.fmean(r["train_wall_s"] + r.get("eval_wall_s", 0) for r in recs)})
     return out
 
@@ -375,7 +428,8 @@ def notes(table: List[dict], args) -> List[str]:
     """The issue's goal checked on the rows: DAT-LAMB at 8x within 2 points of AT, and the gap w/o LALR."""
     out = []
     for attack in args.attacks:
-        by = {(r["method"], r["optimizer"], r["global_batch_size"]): r for r in table if r["attack"] == attack}
+        by = {(r["method"], r["optimizer"], r["global_batch_size"]): r for r in table
+              if r["attack"] == attack and r["epochs"] == args.epochs}
         label = ATTACK_LABEL[attack]
         at = by.get((f"AT-{label}", "SGD", args.at_batch))
         big = min(args.scales) * args.at_batch
@@ -391,6 +445,11 @@ def notes(table: List[dict], args) -> List[str]:
             line += (f"; DAT w/o LALR {100 * sgd['robust_acc_mean']:.1f} % "
                      f"({100 * (sgd['robust_acc_mean'] - lamb['robust_acc_mean']):+.1f} points vs LAMB)")
         out.append(line + f"; {lamb['updates']} updates against AT's {at['updates']}")
+    for r in table:
+        if r["epochs"] != args.epochs:
+            out.append(f"{r['method']} {r['optimizer']} at {r['global_batch_size']} with {r['epochs']} epochs "
+                       f"instead of {args.epochs}: RA {100 * r['robust_acc_mean']:.1f} %, TA "
+                       f"{100 * r['clean_acc_mean']:.1f} % ({r['updates']} updates)")
     return out
 
 
@@ -399,9 +458,10 @@ def write_table(args) -> Path:
     payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
                "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
                "notes": notes(table, args) + [
-                   f"{args.seeds} seeds per final row, PGD-10 on {args.test_limit or 10000} test images, AutoAttack "
-                   f"(standard) on the first {args.aa_limit} for the first {args.aa_seeds} seed(s); LR multipliers "
-                   f"chosen on the validation split "
+                   f"up to {args.seeds} seeds per final row (column seeds), PGD-10 on the test images of column "
+                   f"test n, AutoAttack (standard) on the first AA n of them for the first seed of the PGD rows at "
+                   f"AT's batch and {min(args.scales)}x (AutoAttack costs seconds per image on 2 cores); LR "
+                   f"multipliers chosen on the validation split "
                    f"({args.holdout} held-out training images), the weights of the validation-best epoch"]}
     return save("large_batch", payload)
 
@@ -439,7 +499,8 @@ def plan(args) -> None:
           f"evaluation (PGD-10 on {args.test_limit or 10000} test images, AutoAttack on {args.aa_limit} for "
           f"{min(args.aa_seeds, args.seeds)} of {args.seeds} seeds); "
           f"nan: nothing stored to estimate from")
-    groups = {"sweep": sweep_runs(args), "final": final_runs(args), "ema": final_runs(args, "ema")}
+    groups = {"sweep": sweep_runs(args), "final": final_runs(args), "ema": final_runs(args, "ema"),
+              "epochs": final_runs(args, "epochs")}
     total = 0.0
     for name, runs in groups.items():
         records = [load_record(run.key(args)) for run in runs]
@@ -482,8 +543,14 @@ def main(argv=None) -> None:
     p.add_argument("--attacks", nargs="+", default=list(ATTACK_LABEL), choices=list(ATTACK_LABEL))
     p.add_argument("--fgsm-scales", type=int, nargs="*", default=[8], help="DAT batches (x AT's) of FGSM-RS runs")
     p.add_argument("--at-lamb", action="store_true", help="also AT with LAMB at the small batch (sweep and rows)")
+    p.add_argument("--grid-extend", type=int, default=2,
+                   help="widen an LR grid past its end up to N times while the best run sits on that end")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--more-epochs", type=int, nargs="*", default=[6],
+                   help="part epochs: DAT-LAMB and DAT-SGD at 8x with these epoch counts")
+    p.add_argument("--aa-all", action="store_true", help="AutoAttack on every run's first seed, not only the "
+                                                         "PGD rows at AT's batch and the smallest DAT batch")
     p.add_argument("--test-limit", type=int, default=None, help="PGD-10 test images (default: all 10,000)")
     p.add_argument("--aa-limit", type=int, default=1000,
                    help="AutoAttack test images (0: none); about 0.5 CPU s per image even for test_resnet")
@@ -507,13 +574,18 @@ def main(argv=None) -> None:
     if args.train_limit:
         raise ValueError("--train-limit is for --part pilot only: the study trains on the full training set")
     if "sweep" in args.part:
-        execute(sweep_runs(args), args, deadline, evaluate_too=False)
+        done = None
+        while done != (done := len(sweep_runs(args))):  # a run may widen its method's grid
+            execute(sweep_runs(args), args, deadline, evaluate_too=False)
     if "final" in args.part:
         execute(final_runs(args), args, deadline, evaluate_too=False)
     if "ema" in args.part:
         execute(final_runs(args, "ema"), args, deadline, evaluate_too=False)
-    if "evaluate" in args.part:
-        execute(final_runs(args) + final_runs(args, "ema"), args, deadline, evaluate_too=True)
+    if "epochs" in args.part:
+        execute(final_runs(args, "epochs"), args, deadline, evaluate_too=False)
+    if "evaluate" in args.part:  # the runs of the phases named with it, or of all of them
+        phases = [ph for ph in ("final", "ema", "epochs") if ph in args.part] or ["final", "ema", "epochs"]
+        execute([run for ph in phases for run in final_runs(args, ph)], args, deadline, evaluate_too=True)
     if "table" in args.part or "evaluate" in args.part:
         print(f"written: {write_table(args)}")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 PLOTS = Path(__file__).resolve().parent / "plots"
 COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batch_size", "global batch"),
-           ("seeds", "seeds"), ("peak_lr", "peak LR"), ("updates", "updates"), ("clean_acc_mean", "TA %"),
-           ("robust_acc_mean", "RA PGD-10 %"), ("robust_acc_std", "RA std"), ("autoattack_acc_mean", "AA %"),
+           ("epochs", "epochs"), ("seeds", "seeds"), ("peak_lr", "peak LR"), ("updates", "updates"),
+           ("clean_acc_mean", "TA %"), ("robust_acc_mean", "RA PGD-10 %"), ("robust_acc_std", "RA std"),
+           ("test_samples", "test n"), ("autoattack_acc_mean", "AA %"), ("autoattack_samples", "AA n"),
            ("wall_s", "wall s / run")]
 PERCENT = {"clean_acc_mean", "robust_acc_mean", "robust_acc_std", "autoattack_acc_mean", "val_robust_acc",
            "val_clean_acc"}
@@ -35,7 +36,8 @@ def table(rows: list, columns: list) -> str:
 def plot(data: dict, path: Path) -> bool:
     """RA (PGD-10, mean over seeds, std as error bars) against global batch, one line per optimizer
     and attack; AT's small-batch point sits at the left of every line of its optimizer."""
-    rows = [r for r in data.get("rows", []) if not r.get("ema")]
+    epochs = data.get("settings", {}).get("epochs")
+    rows = [r for r in data.get("rows", []) if not r.get("ema") and r.get("epochs", epochs) == epochs]
     if not rows:
         return False
     import matplotlib

@@ -1,0 +1,136 @@
+"""The large-batch study's bookkeeping (bench/large_batch.py) on stored run records: which runs it
+plans, how the LR sweep widens and chooses, and how the table and its verdict are built. No run is
+trained here; records are written the way ``train``/``evaluate`` store them."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import large_batch as lb  # noqa: E402
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    monkeypatch.setattr(lb, "RUNS", tmp_path / "runs")
+    return parse([])
+
+
+def parse(argv):
+    """The study's arguments as ``main`` parses them (``--plan`` hands them over and runs nothing)."""
+    captured = {}
+    orig, lb.plan = lb.plan, lambda args: captured.update(args=args)
+    try:
+        lb.main(["--plan", *argv])
+    finally:
+        lb.plan = orig
+    return captured["args"]
+
+
+def store(run, args, val_ra, **extra):
+    """A trained (and, with ``robust_acc`` in ``extra``, evaluated) record of ``run``."""
+    batch = run.method.scale * args.at_batch
+    record = {"key": run.key(args), "run": {**lb.asdict(run), "method": lb.asdict(run.method)},
+              "global_batch_size": batch, "updates": 3 * 55000 // batch, "epochs": run.epochs or args.epochs,
+              "peak_lr": 0.1 * run.lr_mult, "val_robust_acc": val_ra, "val_clean_acc": val_ra + 0.1,
+              "train_wall_s": 100.0, "train_cpu_s": 200.0, "train_images": 55000, **extra}
+    lb.store(record)
+    return record
+
+
+def by_label(args, label, scale):
+    return next(m for m in lb.all_methods(args) if f"{m.name}-{m.optimizer}" == label and m.scale == scale)
+
+
+def test_grid_widens_past_the_end_that_holds_the_best_run(study):
+    args = study
+    at = by_label(args, "AT-SGD", 1)
+    assert lb.grid(at, args) == (0.5, 1.0, 2.0)
+    for mult, ra in ((0.5, 0.70), (1.0, 0.72), (2.0, 0.75)):
+        store(lb.Run(at, "pgd", 0, mult, "sweep"), args, ra)
+    assert lb.grid(at, args) == (0.5, 1.0, 2.0, 4.0)  # best on the top end: one more above
+    assert lb.chosen_mult(at, args) is None  # the widened grid is not finished
+    store(lb.Run(at, "pgd", 0, 4.0, "sweep"), args, 0.74)
+    assert lb.grid(at, args) == (0.5, 1.0, 2.0, 4.0)  # 2.0 is inside now: stop
+    assert lb.chosen_mult(at, args) == 2.0
+    # LSGD has no grid: it takes AT-SGD's choice
+    assert lb.chosen_mult(by_label(args, "DAT-LSGD", 8), args) == 2.0
+
+    lamb = by_label(args, "DAT-LAMB", 8)
+    for mult, ra in ((0.5, 0.69), (1.0, 0.63), (2.0, 0.11)):
+        store(lb.Run(lamb, "pgd", 0, mult, "sweep"), args, ra)
+    assert lb.grid(lamb, args) == (0.25, 0.5, 1.0, 2.0)  # best on the bottom end: one more below
+    store(lb.Run(lamb, "pgd", 0, 0.25, "sweep"), args, 0.70)
+    store(lb.Run(lamb, "pgd", 0, 0.125, "sweep"), args, 0.71)
+    # widened at most --grid-extend (2) times, and the choice is the best of what was run
+    assert lb.grid(lamb, args) == (0.125, 0.25, 0.5, 1.0, 2.0)
+    assert lb.chosen_mult(lamb, args) == 0.125
+    assert lb.grid(lamb, parse(["--grid-extend", "0"])) == (0.5, 1.0, 2.0)
+
+
+def test_final_runs_reuse_the_sweep_and_keep_phases_apart(study):
+    args = study
+    at = by_label(args, "AT-SGD", 1)
+    for mult, ra in ((0.5, 0.7), (1.0, 0.76), (2.0, 0.73)):
+        store(lb.Run(at, "pgd", 0, mult, "sweep"), args, ra)
+    runs = lb.final_runs(args)
+    keys = [r.key(args) for r in runs]
+    # only AT-SGD and LSGD (which follows it) are chosen; DAT-LAMB/SGD wait for their sweep
+    assert {(r.method.name, r.method.optimizer) for r in runs} == {("AT", "SGD"), ("DAT", "LSGD")}
+    assert "sweep-pgd-AT-SGD-b128-lr1-s0" in keys  # the sweep's seed-0 run stands for itself
+    assert "final-pgd-AT-SGD-b128-lr1-s1" in keys
+    assert "final-fgsm_rs-AT-SGD-b128-lr1-s0" in keys
+    assert {"final-pgd-DAT-LSGD-b1024-lr1-s0", "final-pgd-DAT-LSGD-b2048-lr1-s1"} <= set(keys)
+    assert not any("fgsm_rs-DAT-LSGD-b2048" in k for k in keys)  # FGSM-RS only at --fgsm-scales
+    assert len(keys) == len(set(keys))
+    ema = [r.key(args) for r in lb.final_runs(args, "ema")]
+    assert ema == ["ema-pgd-AT-SGD-b128-lr1-s0-ema", "ema-pgd-AT-SGD-b128-lr1-s1-ema"]
+    assert lb.final_runs(args, "epochs") == []  # DAT-LAMB/SGD not chosen yet
+
+
+def test_table_means_seeds_and_judges_the_goal(study):
+    args = study
+    at, lamb, sgd = (by_label(args, *m) for m in (("AT-SGD", 1), ("DAT-LAMB", 8), ("DAT-SGD", 8)))
+    for method, grid_ra in ((at, (0.70, 0.75, 0.72)), (lamb, (0.69, 0.71, 0.2)), (sgd, (0.5, 0.6, 0.55))):
+        for mult, ra in zip(method.lr_grid, grid_ra):
+            store(lb.Run(method, "pgd", 0, mult, "sweep"), args, ra)
+    evaluated = {at: (0.80, 0.74), lamb: (0.73, 0.71), sgd: (0.60, 0.58)}
+    for method, ras in evaluated.items():
+        for run in lb.final_runs(args):
+            if run.method == method and run.attack == "pgd":
+                rec = lb.load_record(run.key(args)) or store(run, args, 0.7)
+                rec.update(clean_acc=0.8, robust_acc=ras[run.seed], test_samples=10000)
+                if lb.headline(rec, args) and run.seed < args.aa_seeds:
+                    rec.update(autoattack_acc=ras[run.seed] - 0.05, autoattack_samples=200)
+                lb.store(rec)
+    more = lb.Run(lamb, "pgd", 0, 1.0, "epochs", epochs=6)
+    assert more in lb.final_runs(args, "epochs")
+    store(more, args, 0.74, clean_acc=0.8, robust_acc=0.75, test_samples=10000)
+    assert not lb.headline(lb.load_record(more.key(args)), args)
+
+    table = lb.rows(args)
+    row = {(r["method"], r["optimizer"], r["global_batch_size"], r["epochs"]): r for r in table}
+    at_row = row[("AT-PGD", "SGD", 128, 3)]
+    assert at_row["seeds"] == 2 and at_row["robust_acc_mean"] == pytest.approx(0.77)
+    assert at_row["robust_acc_std"] == pytest.approx(0.0424, abs=1e-4)
+    assert at_row["autoattack_acc_mean"] == pytest.approx(0.75) and at_row["autoattack_seeds"] == 1
+    assert row[("DAT-PGD", "LAMB", 1024, 6)]["seeds"] == 1
+    notes = lb.notes(table, args)
+    assert notes[0].startswith("PGD: RA AT 77.0 % vs DAT-LAMB at 1024 72.0 % (-5.0 points, goal within 2: not met)")
+    assert "DAT w/o LALR 59.0 % (-13.0 points vs LAMB)" in notes[0]
+    assert any("with 6 epochs instead of 3: RA 75.0 %" in n for n in notes)
+
+
+def test_ds_config_sets_the_batch_and_the_reference_lr(study):
+    args = study
+    lamb = by_label(args, "DAT-LAMB", 16)
+    cfg = lb.ds_config(lb.Run(lamb, "pgd", 0, 0.5, "final", ema=True), args)
+    assert cfg["train_micro_batch_size_per_gpu"] == 64 and cfg["gradient_accumulation_steps"] == 16
+    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(lb.REFERENCE_LR["lamb_fp32.json"] * 0.5)
+    assert cfg["ema"]["decay"] == args.ema_decay
+    shipped = json.loads((ROOT / "ds_configs" / "lamb_fp32.json").read_text())
+    assert cfg["scheduler"] == shipped["scheduler"]  # the LR rule and warm-up are the shipped ones
+    with pytest.raises(ValueError, match="not a multiple"):
+        lb.ds_config(lb.Run(lamb, "pgd", 0, 1.0, "final"), parse(["--micro", "48"]))
