@@ -232,6 +232,10 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                         "folder or a hub id)")
     g.add_argument("--stem", default="auto", choices=("auto", "small", "native"),
                    help="small: 3x3 stride-1 stem for small images (auto: inputs <= 64 px); native: timm's stem")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from the backbone's published weights (timm: the hub or a local-dir: name; "
+                        "transformers: the folder's or hub model's weights) or from random ones; default: "
+                        "timm random, transformers pretrained")
     g = p.add_argument_group("training method")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
                    help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")

@@ -55,6 +55,10 @@ def main():
     model_file = find_checkpoint(args.from_checkpoint)
     meta = read_states(model_file)["meta"]
     args.backbone, args.stem = args.backbone or meta["backbone"], args.stem or meta.get("stem", "auto")
+    if args.pretrained is not None:
+        raise ValueError("--pretrained/--no-pretrained do not apply to fine-tuning: the weights come from --from "
+                         "(--scratch: random weights)")
+    args.pretrained = False  # the backbone's published weights never: --from's, or random with --scratch
     cfg = cli.train_config(args)
     cfg.validate()
     if not 0 <= args.head_only_epochs < cfg.epochs or args.head_lr_mult <= 0:

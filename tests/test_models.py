@@ -58,3 +58,26 @@ def test_bad_stem_and_normalization():
         create_model("resnet18", 10, stem="tiny")
     with pytest.raises(ValueError, match="positive std"):
         NormalizedModel(torch.nn.Identity(), (0.5,), (0.0,))
+
+
+def test_pretrained_timm_weights_from_a_local_folder(tmp_path):
+    """``--pretrained`` with timm's ``local-dir:`` name (the offline twin of a hub download): the
+    folder's weights, a new head, a channel-adapted first conv; ``--no-pretrained`` random ones."""
+    from timm.models import save_for_hf
+    torch.manual_seed(0)
+    saved = timm.create_model("resnet10t", num_classes=5)
+    save_for_hf(saved, str(tmp_path))
+    name = f"local-dir:{tmp_path}"
+    ours = create_model(name, 7, 1, 32, stem="native", pretrained=True).backbone
+    assert ours.fc.out_features == 7 and ours.conv1[0].in_channels == 1
+    same = [k for k, v in saved.state_dict().items() if k.startswith("layer")]
+    assert same and all(torch.equal(saved.state_dict()[k], ours.state_dict()[k]) for k in same)
+    fresh = create_model(name, 7, 1, 32, stem="native", pretrained=False).backbone
+    assert not torch.equal(fresh.layer1[0].conv1.weight, saved.layer1[0].conv1.weight)
+
+
+def test_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="no published weights: drop --pretrained"):
+        create_model("preactresnet18_w16", 10, 3, 32, pretrained=True)
+    with pytest.raises(ValueError, match="no config.json in"):
+        create_model(f"local-dir:{tmp_path}", 10, 3, 32, pretrained=True)

@@ -239,3 +239,13 @@ def test_smooth_at_and_certify(folders, tmp_path):
                    script=ROOT / "recipes" / "certify.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "certify" / "certify_summary.json").is_file()
+
+
+def test_no_pretrained_starts_from_random_weights(folders):
+    """``--no-pretrained`` (and fine-tuning's ``--scratch``): the folder's architecture, not its weights."""
+    from transformers import AutoModelForImageClassification
+    saved = AutoModelForImageClassification.from_pretrained(folders["resnet"]).state_dict()
+    torch.manual_seed(1)
+    ours = create_model(f"transformers:{folders['resnet']}", 3, 3, 32, pretrained=False).backbone.model.state_dict()
+    weights = [k for k in saved if k.endswith("weight") and saved[k].dim() > 1]
+    assert weights and not any(torch.equal(saved[k], ours[k]) for k in weights)

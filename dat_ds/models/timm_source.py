@@ -72,7 +72,16 @@ class TimmSource(BackboneSource):
     usage = "NAME or timm:NAME"
 
     def check(self, name: str) -> None:
-        """ValueError naming similar models when ``name`` is not a timm (or dat-ds) model name."""
+        """ValueError naming similar models when ``name`` is not a timm (or dat-ds) model name;
+        timm's ``local-dir:PATH`` (a folder with ``config.json``) and ``hf-hub:ID`` names pass."""
+        if name.startswith("local-dir:"):
+            folder = Path(name[len("local-dir:"):])
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"backbone {name!r}: no config.json in {folder} (expected a folder timm saved, "
+                                 f"e.g. by recipes/export.py or timm's push_to_hf_hub)")
+            return
+        if name.startswith("hf-hub:"):
+            return
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name.split("_")[0] else []
             hint = f"; similar: {', '.join(close)}" if close else ""
@@ -84,8 +93,17 @@ class TimmSource(BackboneSource):
                stem: str = "auto", class_names: Optional[Sequence[str]] = None, **kwargs) -> NormalizedModel:
         small = wants_small_stem(stem, img_size)
         self.check(name)
+        if pretrained and name in ZOO:
+            raise ValueError(f"backbone {name!r} is a dat-ds model with no published weights: drop --pretrained")
         kw = dict(num_classes=num_classes, in_chans=in_chans, pretrained=bool(pretrained), **kwargs)
-        backbone, _, _ = build(name, img_size, small, **kw)
+        try:
+            backbone, _, _ = build(name, img_size, small, **kw)
+        except OSError as err:  # hub unreachable or files missing (huggingface_hub's errors are OSErrors)
+            if not pretrained:
+                raise
+            raise ValueError(f"--pretrained: timm could not load the weights of {name!r} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); offline, name a local folder "
+                             f"as local-dir:PATH") from err
         return NormalizedModel(backbone, per_channel(mean, in_chans), per_channel(std, in_chans))
 
     def export(self, name: str, model: NormalizedModel, meta: dict, out: Path) -> str:

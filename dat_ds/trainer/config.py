@@ -68,6 +68,7 @@ class TrainConfig:
     # model
     backbone: str = "resnet18"
     stem: str = "auto"
+    pretrained: Optional[bool] = None  # None: the backbone source's default (timm random, transformers pretrained)
     # training method: attack (inner maximization) and objective (outer loss)
     attack: str = "pgd"
     eps: float = 0.1

@@ -134,7 +134,7 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
     model = create_model(cfg.backbone, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
-                         stem=cfg.stem)
+                         stem=cfg.stem, pretrained=cfg.pretrained)
     if model_fn is not None:
         model = model_fn(model)
     loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
