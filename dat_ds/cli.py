@@ -85,6 +85,7 @@ class Component:
     target: str  # the TrainConfig field taking its settings
     settings: Callable[[str], dict]  # name -> {setting: default}
     all_names: Callable[[], List[str]]
+    setting_docs: Callable[[str], dict] = lambda name: {}  # name -> {setting: help text}
 
 
 def components() -> List[Component]:
@@ -92,9 +93,12 @@ def components() -> List[Component]:
     from .trainer.config import dataset_settings
     from . import data
     dataset_names = getattr(data, "dataset_names", lambda: list(data.DATASETS))
-    return [Component("attack", "attack", "attack_kwargs", attacks.ATTACKS.settings, attacks.names),
-            Component("loss", "loss", "loss_kwargs", objectives.OBJECTIVES.settings, objectives.names),
-            Component("compressor", "compressor", "compressor_kwargs", compress.COMPRESSORS.settings, compress.names),
+    return [Component("attack", "attack", "attack_kwargs", attacks.ATTACKS.settings, attacks.names,
+                      attacks.ATTACKS.setting_docs),
+            Component("loss", "loss", "loss_kwargs", objectives.OBJECTIVES.settings, objectives.names,
+                      objectives.OBJECTIVES.setting_docs),
+            Component("compressor", "compressor", "compressor_kwargs", compress.COMPRESSORS.settings, compress.names,
+                      compress.COMPRESSORS.setting_docs),
             Component("dataset", "dataset", "dataset_kwargs", dataset_settings, dataset_names)]
 
 
@@ -155,6 +159,7 @@ def _setting_table() -> Dict[str, dict]:
                     continue
                 entry = table.setdefault(_flag(comp.kind, setting), {"takers": {}, "default": default})
                 entry["takers"][(comp.kind, name)] = setting
+                entry.setdefault("doc", comp.setting_docs(name).get(setting))
     return table
 
 
@@ -168,7 +173,7 @@ def _add_setting_flags(p: argparse.ArgumentParser, table: Dict[str, dict]) -> No
                              f"--{dest.replace('_', '-')}")
         kind = next(iter(entry["takers"]))[0]
         spec = dict(SETTING_HELP.get(dest) or _generic(entry["default"]))
-        spec["help"] = (spec.get("help") or "") + f" [{_takers(entry)}]"
+        spec["help"] = (spec.get("help") or entry.get("doc") or "") + f" [{_takers(entry)}]"
         groups[kind].add_argument(f"--{dest.replace('_', '-')}", dest=dest, default=None, **spec)
 
 

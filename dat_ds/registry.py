@@ -55,6 +55,29 @@ class Registry:
                 if p.name != "self" and p.name not in internal
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
+    def setting_docs(self, name: str) -> Dict[str, str]:
+        """``{setting: text}`` from the factory docstring's ``Settings:`` block: one entry per line,
+        ``name: text`` or ``a, b: text``, continued on deeper-indented lines, ended by a blank line."""
+        lines = (inspect.getdoc(self.get(name)) or "").splitlines()
+        docs: Dict[str, str] = {}
+        if "Settings:" not in lines:
+            return docs
+        names, indent = [], None
+        for line in lines[lines.index("Settings:") + 1:]:
+            if not line.strip():
+                break
+            depth = len(line) - len(line.lstrip())
+            indent = depth if indent is None else indent
+            head, sep, text = line.strip().partition(": ")
+            if depth == indent and sep:
+                names = [n.strip() for n in head.split(",")]
+                for n in names:
+                    docs[n] = text.strip()
+            elif names:
+                for n in names:
+                    docs[n] += " " + line.strip()
+        return docs
+
     def check_settings(self, name: str, given) -> None:
         """``ValueError`` naming the first of ``given`` that ``name`` does not take."""
         takes = self.settings(name)

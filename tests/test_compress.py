@@ -177,6 +177,11 @@ def test_powersgd_matches_ddps_powersgd_hook(exchanges, world):
         assert not torch.equal(run["ours"][0], run["ours"][1])      # the warm-started steps differ
         torch.testing.assert_close(run["ours"], run["hook"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(run["our_error"], run["hook_error"], rtol=1e-5, atol=1e-6)
+        # start_iter=2: two exact fp32 means, then the same compressed steps as the hook's
+        late = r["powersgd start_iter=2"]
+        torch.testing.assert_close(late["ours"], late["hook"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(late["our_error"], late["hook_error"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(late["ours"][0], late["ours"][1]) and not torch.equal(late["ours"][1], late["ours"][2])
     for key in ("powersgd rank=1", "powersgd rank=2"):
         ranks = exchanges[0][world]
         steps = len(ranks[0][key]["bytes"])

@@ -141,3 +141,17 @@ def test_every_declared_setting_has_a_flag():
             for setting in registry.settings(name):
                 if setting not in skip:
                     assert cli.FLAG_NAMES.get((registry.kind, setting), setting) in dests, (name, setting)
+
+
+def test_every_setting_flag_says_what_it_does():
+    """Help comes from the recipe table or the component's docstring ``Settings:`` block, never
+    only the list of components that take it."""
+    from dat_ds import cli
+    p = cli.parser("t")
+    table = cli._setting_table()
+    for action in p._actions:
+        if action.dest in table:
+            text = action.help.rsplit(" [", 1)[0].strip()
+            assert text, f"--{action.dest.replace('_', '-')} has no help text"
+    docs = __import__("dat_ds").compress.COMPRESSORS.setting_docs("powersgd")
+    assert docs["start_iter"].startswith("exchanges sent uncompressed") and "byzantine_mode" in docs

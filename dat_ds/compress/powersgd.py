@@ -41,21 +41,25 @@ class PowerSGD(Compressor):
     M <- P Q^T; e <- (M + e) before - after, over the whole buffer. Q is kept for the next step
     (warm start); the first Q is standard normal, seeded from ``random_seed`` the way the hook
     seeds it. Three all-reduces per step; bytes: 2 (N - 1) / N * 4 (|P| + |Q| + |vectors|).
+    The first ``start_iter`` exchanges are plain fp32 all-reduces (the hook's
+    ``start_powerSGD_iter``: compressing the first, fast-changing gradients costs accuracy).
 
     Settings:
         matrix_rank: the approximation rank r (1, the default of the paper and of DDP).
         min_compression_rate: compress a matrix only if it shrinks by more than this factor.
         random_seed: seed of the first Q.
+        start_iter: exchanges sent uncompressed (fp32 mean) before compression starts (0).
         byzantine_ranks, byzantine_mode: corrupted ranks (experiments only).
 
-    State: ``error`` (the flat gradient's residual) and ``q`` (the warm-start factors).
+    State: ``error`` (the flat gradient's residual), ``q`` (the warm-start factors) and
+    ``exchanges`` (how many were made: a resumed run starts compressing at the same step).
     """
 
     name = "powersgd"
-    state_names = ("error", "q")
+    state_names = ("error", "q", "exchanges")
 
     def __init__(self, matrix_rank: int = 1, min_compression_rate: float = 2.0, random_seed: int = 0,
-                 byzantine_ranks: Sequence[int] = (), byzantine_mode: str = "scale",
+                 start_iter: int = 0, byzantine_ranks: Sequence[int] = (), byzantine_mode: str = "scale",
                  generator: Optional[torch.Generator] = None):
         self.rank = _check_int("matrix_rank", matrix_rank, 1)
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) \
@@ -64,6 +68,7 @@ class PowerSGD(Compressor):
                              f"min_compression_rate must be a positive number")
         self.min_compression_rate = float(min_compression_rate)
         self.random_seed = _check_int("random_seed", random_seed, 0)
+        self.start_iter = _check_int("start_iter", start_iter, 0)
         self.byzantine_ranks, self.byzantine_mode = _check_byzantine(byzantine_ranks, byzantine_mode)
         self.generator = generator
         self._ws = Workspace()
@@ -117,6 +122,13 @@ class PowerSGD(Compressor):
         x = flat[:n]
         if rank in self.byzantine_ranks:
             corrupt_(x, self.byzantine_mode, self.generator)
+        done = self._state.get("exchanges")  # a CPU counter: reading it never waits on a device
+        done = int(done.item()) if done is not None else 0
+        self._state["exchanges"] = torch.tensor([done + 1.0])
+        if done < self.start_iter:  # plain fp32 mean, no error feedback yet (the hook's vanilla phase)
+            self._all_reduce(stats, x, world)
+            x.div_(world)
+            return stats
         layout = self._layout(shapes)
         err = self._buffer("error", n, x)
         x.add_(err)

@@ -93,18 +93,19 @@ class FakeBucket:
         return self._views
 
 
-def powersgd_against_hook(rank: int) -> dict:
+def powersgd_against_hook(rank: int, start_iter: int = 0) -> dict:
     """STEPS exchanges of the same per-rank gradients through ``powersgd`` (rank 2) and through
-    ``powerSGD_hook`` on a fake bucket, both from the same seed: every output and the errors."""
+    ``powerSGD_hook`` on a fake bucket, both from the same seed: every output and the errors.
+    ``start_iter``: that many plain all-reduces first (the hook's ``start_powerSGD_iter``)."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
     gen = torch.Generator().manual_seed(500 + rank)
     grads = [torch.randn(s, generator=gen) for s in HOOK_SHAPES]
-    ours = compress.create("powersgd", matrix_rank=2, random_seed=7)
-    state = ph.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2,
+    ours = compress.create("powersgd", matrix_rank=2, random_seed=7, start_iter=start_iter)
+    state = ph.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=max(start_iter, 2),
                              min_compression_rate=2.0, orthogonalization_epsilon=1e-8, random_seed=7)
-    state.iter = state.start_powerSGD_iter     # straight to compression, no vanilla warm-up steps
+    state.iter = state.start_powerSGD_iter - start_iter  # the hook insists on >= 2 vanilla steps: skip the rest
     mine, hook = [], []
-    for _ in range(STEPS):
+    for _ in range(STEPS + start_iter):
         out = [g.clone() for g in grads]
         ours.all_reduce_(out)
         mine.append(compress.flatten(out))
@@ -164,7 +165,8 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         results[key] = {"in": compress.flatten(grads), "out": compress.flatten(out), "out_sum": total,
                         "bytes": sent, "comm_seconds": seconds, "state": compressor.state_dict()}
     torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
-    torch.save({"powersgd": powersgd_against_hook(rank), "bf16": bf16_against_hook(rank),
+    torch.save({"powersgd": powersgd_against_hook(rank), "powersgd start_iter=2": powersgd_against_hook(rank, 2),
+                "bf16": bf16_against_hook(rank),
                 "none bf16 grads": none_with_bf16_grads(rank)},
                Path(out_dir) / f"world{world}_rank{rank}_hooks.pt")
     tdist.destroy_process_group()
