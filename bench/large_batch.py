@@ -158,7 +158,7 @@ def train(run: Run, args, port: int) -> dict:
     key = run.key(args)
     out = Path(args.workdir) / key
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out.with_suffix(".ds_config.json")
+    cfg_path = _beside(out, ".ds_config.json")
     cfg_path.write_text(json.dumps(ds_config(run, args), indent=1))
     recipe = ["recipes/fashion_mnist_dat.py", "--deepspeed_config", str(cfg_path), "--backbone", args.backbone,
               "--stem", args.stem, "--eps", str(args.eps), "--attack", run.attack,
@@ -170,16 +170,16 @@ def train(run: Run, args, port: int) -> dict:
     if args.train_limit:
         recipe += ["--train-limit", str(args.train_limit + args.holdout)]
     t0 = time.perf_counter()
-    code, cpu_s = launch(recipe, args, out.with_suffix(".log"), port)
+    code, cpu_s = launch(recipe, args, _beside(out, ".log"), port)
     if code != 0:
-        raise RuntimeError(f"{key}: exit code {code}; see {out.with_suffix('.log')}")
+        raise RuntimeError(f"{key}: exit code {code}; see {_beside(out, '.log')}")
     summary = json.loads((out / "summary.json").read_text())
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if run.ema and "ema" not in summary:
         raise RuntimeError(f"{key}: the trainer ignored the ds_config's \"ema\" block (no \"ema\" in summary.json)")
     return {"key": key, "run": {**asdict(run), "method": asdict(run.method)}, "output_dir": _relative(out),
             "global_batch_size": summary["global_batch_size"], "updates": _updates(epochs),
-            "epochs": run.epochs or args.epochs, "peak_lr": _peak_lr(out.with_suffix(".log")),
+            "epochs": run.epochs or args.epochs, "peak_lr": _peak_lr(_beside(out, ".log")),
             "val_robust_acc": max((e.get("holdout_pgd_acc", 0.0) for e in epochs), default=None),
             "val_clean_acc": max((e.get("holdout_clean_acc", 0.0) for e in epochs), default=None),
             "best_epoch": summary.get("best_epoch"), "stopped_early": summary.get("stopped_early"),
@@ -189,6 +189,11 @@ def train(run: Run, args, port: int) -> dict:
             "curve": [[e["epoch"] + 1, e.get("holdout_pgd_acc")] for e in epochs],
             "settings": {k: getattr(args, k) for k in ("backbone", "stem", "eps", "pgd_steps", "holdout", "micro",
                                                        "ranks", "train_limit")}}
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    """A file next to the run folder ``out`` named after it (not ``with_suffix``: keys hold dots, lr0.5)."""
+    return out.parent / (out.name + suffix)
 
 
 def _updates(epochs: List[dict]) -> int:
@@ -223,7 +228,7 @@ def evaluate(record: dict, args, port: int) -> dict:
         passes.append(("autoattack", ["--pgd-steps", "1", "--autoattack", "--eval-limit", str(args.aa_limit)]))
     for name, flags in passes:
         eval_dir = out / f"eval_{name}"
-        log = out.with_suffix(f".eval_{name}.log")
+        log = _beside(out, f".eval_{name}.log")
         t0 = time.perf_counter()
         code, cpu_s = launch(common + flags + ["--output-dir", str(eval_dir)], args, log, port)
         if code != 0:
@@ -445,6 +450,17 @@ def notes(table: List[dict], args) -> List[str]:
             line += (f"; DAT w/o LALR {100 * sgd['robust_acc_mean']:.1f} % "
                      f"({100 * (sgd['robust_acc_mean'] - lamb['robust_acc_mean']):+.1f} points vs LAMB)")
         out.append(line + f"; {lamb['updates']} updates against AT's {at['updates']}")
+    at_sgd = all_methods(args)[0]
+    at_mult = chosen_mult(at_sgd, args)
+    dat = {m.optimizer: m for m in all_methods(args) if m.name == "DAT" and m.scale == min(args.scales)}
+    if at_mult is not None and "SGD" in dat and "LAMB" in dat and chosen_mult(dat["LAMB"], args) is not None:
+        same = load_record(Run(dat["SGD"], "pgd", 0, at_mult, "sweep").key(args))
+        lamb = load_record(Run(dat["LAMB"], "pgd", 0, chosen_mult(dat["LAMB"], args), "sweep").key(args))
+        if same and lamb:
+            out.append(f"DAT w/o LALR at AT's LR (peak {same['peak_lr']:g}, the paper's setting: no LR change "
+                       f"with the batch): validation RA {100 * same['val_robust_acc']:.1f} % against DAT-LAMB's "
+                       f"{100 * lamb['val_robust_acc']:.1f} % (seed 0, sweep); with its LR tuned for the large "
+                       f"batch, see the SGD row")
     for r in table:
         if r["epochs"] != args.epochs:
             out.append(f"{r['method']} {r['optimizer']} at {r['global_batch_size']} with {r['epochs']} epochs "
@@ -470,7 +486,7 @@ def settings(args) -> dict:
     return {"dataset": "fashion_mnist (60,000 train, 10,000 test)", "backbone": args.backbone, "stem": args.stem,
             "eps": args.eps, "train_attack": f"pgd-{args.pgd_steps} / fgsm_rs", "epochs": args.epochs,
             "holdout": args.holdout, "ranks": args.ranks, "micro": args.micro, "at_batch": args.at_batch,
-            "scales": list(args.scales), "seeds": args.seeds, "aa_limit": args.aa_limit,
+            "scales": list(args.scales), "seeds": args.seeds, "aa_limit": args.aa_limit, "at_lamb": args.at_lamb,
             "configs": "lamb_fp32.json / sgd_momentum.json / lsgd.json, batch fields and lr multiplier replaced"}
 
 

@@ -121,6 +121,9 @@ def test_table_means_seeds_and_judges_the_goal(study):
     assert notes[0].startswith("PGD: RA AT 77.0 % vs DAT-LAMB at 1024 72.0 % (-5.0 points, goal within 2: not met)")
     assert "DAT w/o LALR 59.0 % (-13.0 points vs LAMB)" in notes[0]
     assert any("with 6 epochs instead of 3: RA 75.0 %" in n for n in notes)
+    # the paper's w/o LALR: SGD at AT's LR (multiplier 1 here), from the sweep, against LAMB's best
+    assert any(n.startswith("DAT w/o LALR at AT's LR") and "validation RA 50.0 % against DAT-LAMB's 71.0 %" in n
+               for n in notes)
 
 
 def test_ds_config_sets_the_batch_and_the_reference_lr(study):
