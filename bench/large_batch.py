@@ -23,8 +23,8 @@ Design (every choice on a validation split, the test set only for the final tabl
 * ``final``: PGD training at every batch and FGSM-RS training at AT's batch and ``--fgsm-scales``,
   ``--seeds`` seeds each (the sweep's seed-0 run is reused);
 * ``ema``: AT-SGD and DAT-LAMB 8x again with ``"ema"`` in the ds_config;
-* ``epochs``: DAT-LAMB and DAT-SGD at 8x with each of ``--more-epochs`` epochs (seed 0, the LR chosen
-  at ``--epochs``): how many epochs large-batch DAT needs to reach AT's RA at ``--epochs``;
+* ``epochs``: DAT-LAMB and DAT-SGD at 8x with each of ``--more-epochs`` epochs (``--seeds`` seeds,
+  the LR chosen at ``--epochs``): how many epochs large-batch DAT needs to reach AT's RA at ``--epochs``;
 * ``evaluate``: PGD-10 on the 10,000 test images and AutoAttack (standard) on the first
   ``--aa-limit`` of them, through ``recipes/evaluate.py``, on the validation-best checkpoint.
 
@@ -339,7 +339,8 @@ def final_runs(args, phase: str = "final", choose=None) -> List[Run]:
             continue
         if phase == "epochs":
             if m.name == "DAT" and m.lr_grid and m.scale == min(args.scales):
-                runs += [Run(m, "pgd", 0, mult, "epochs", epochs=e) for e in args.more_epochs]
+                runs += [Run(m, "pgd", s, mult, "epochs", epochs=e) for e in args.more_epochs
+                         for s in range(args.seeds)]
             continue
         for attack in args.attacks:
             if attack == "fgsm_rs" and m.scale not in (1, *args.fgsm_scales):
