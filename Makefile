@@ -56,7 +56,7 @@ bench: setup data
 	$(PY) bench/transfer.py
 	$(PY) bench/loader_bench.py
 	$(PY) bench/fault_bench.py
-	$(PY) bench/large_batch.py --max-minutes 120
+	$(PY) bench/large_batch.py --at-lamb --max-minutes 120
 	$(PY) bench/report.py
 
 # on a CUDA machine (< 8 min on one GPU): GPU step costs, syncs, codecs, nccl, fused LAMB -> bench/results/gpu.json

@@ -569,8 +569,8 @@ def main(argv=None) -> None:
     p.add_argument("--aa-all", action="store_true", help="AutoAttack on every run's first seed, not only the "
                                                          "PGD rows at AT's batch and the smallest DAT batch")
     p.add_argument("--test-limit", type=int, default=None, help="PGD-10 test images (default: all 10,000)")
-    p.add_argument("--aa-limit", type=int, default=1000,
-                   help="AutoAttack test images (0: none); about 0.5 CPU s per image even for test_resnet")
+    p.add_argument("--aa-limit", type=int, default=200,
+                   help="AutoAttack test images (0: none); about 1.2 s per image on 2 cores even for test_resnet")
     p.add_argument("--aa-seeds", type=int, default=1, help="AutoAttack on the runs of the first N seeds")
     p.add_argument("--train-eval-limit", type=int, default=200,
                    help="test images of the recipe's per-epoch check (not used by the study)")
