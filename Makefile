@@ -44,7 +44,7 @@ test: setup data
 test-slow: setup data
 	$(PYTEST) -m slow
 
-# hours on 2 CPU cores (the large-batch study alone ~2 h, resumable: finished runs are kept);
+# hours on 2 CPU cores (the large-batch study alone ~3.5 h, resumable: finished runs are kept);
 # the link benchmark needs root (without it, its table says so)
 bench: setup data
 	$(PY) bench/step_cost.py --repeats 3
