@@ -74,6 +74,16 @@ class PowerSGD(Compressor):
         self._ws = Workspace()
         self._state = {}
         self._layouts = {}
+        self._exchanges = 0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "exchanges": torch.tensor([float(self._exchanges)])}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        exchanges = state.pop("exchanges", None)
+        super().load_state_dict(state)
+        self._exchanges = int(exchanges.item()) if exchanges is not None else 0
 
     # -- layout -------------------------------------------------------------------------------
     def _layout(self, shapes: Sequence[torch.Size]) -> _Layout:
@@ -122,9 +132,7 @@ class PowerSGD(Compressor):
         x = flat[:n]
         if rank in self.byzantine_ranks:
             corrupt_(x, self.byzantine_mode, self.generator)
-        done = self._state.get("exchanges")  # a CPU counter: reading it never waits on a device
-        done = int(done.item()) if done is not None else 0
-        self._state["exchanges"] = torch.tensor([done + 1.0])
+        done, self._exchanges = self._exchanges, self._exchanges + 1  # a Python int: no host read per step
         if done < self.start_iter:  # plain fp32 mean, no error feedback yet (the hook's vanilla phase)
             self._all_reduce(stats, x, world)
             x.div_(world)
