@@ -74,6 +74,8 @@ METHODS = [("natural", "none", {}), ("fgsm_rs", "fgsm_rs", {"eps": EPS}),
            ("pgd-10", "pgd", {"eps": EPS, "steps": 10, "alpha": 2.5 * EPS / 10}),
            ("free-4", "free", {"eps": EPS, "steps": 4}), ("conadv", "conadv", {"eps": EPS})]
 SECTIONS = ["throughput", "codec", "nccl", "lamb", "memory"]
+# methods also timed without the step guard: the price of its one host read per optimizer step
+GUARD_ABLATION = ("natural", "pgd-3")
 
 
 @dataclass
@@ -223,10 +225,11 @@ def build_bench(spec: ModelSpec, plan: Plan, device: torch.device, seed: int = 0
     return Bench(spec, engine, bare, Lamb(param_groups(bare, WEIGHT_DECAY), lr=LR), x, y, plan.dtype)
 
 
-def dat_ds_run(b: Bench, attack, compressor=None, label: str = "") -> Callable[[int], dict]:
+def dat_ds_run(b: Bench, attack, compressor=None, label: str = "", guard: bool = True) -> Callable[[int], dict]:
     """``run(n)``: one ``train_epoch`` over n minibatches, as a training run makes them (guard on,
-    phase timers on the device's clock; the timers are read after the measurement)."""
-    guard = StepGuard(b.engine)
+    phase timers on the device's clock; the timers are read after the measurement). ``guard=False``
+    drops the step guard (no non-finite check, no host read per step): what the guard costs."""
+    guard = StepGuard(b.engine) if guard else None
     compressor = compressor or compress.create("none")
     timers = b.timers.setdefault(label, Timers(b.engine.device))
     return lambda n: train_epoch(b.engine, [(b.x, b.y)] * n, attack, compressor, timers, guard=guard)
@@ -320,15 +323,22 @@ def model_throughput(spec: ModelSpec, plan: Plan, device: torch.device, clock: C
 def method_throughput(b: Bench, label: str, name: str, kw: dict, plan: Plan, clock: Clock) -> dict:
     attack = attacks.create(name, **kw)
     ours = dat_ds_run(b, attack, label=label)
-    seconds = interleaved(clock, {"dat-ds": ours, "bare": bare_run(b, attack)}, plan, plan.steps)
+    runs = {"dat-ds": ours, "bare": bare_run(b, attack)}
+    if label in GUARD_ABLATION:
+        runs["no guard"] = dat_ds_run(b, attacks.create(name, **kw), label=f"{label}/no guard", guard=False)
+    seconds = interleaved(clock, runs, plan, plan.steps)
     minibatches = plan.warmup + plan.rounds * plan.steps
     phases = {k: v / minibatches for k, v in b.timers[label].reset().items()}
     batch = b.spec.batch
-    return {"method": label, "seconds": seconds["dat-ds"], "bare_seconds": seconds["bare"],
-            "images_per_s": batch / seconds["dat-ds"], "bare_images_per_s": batch / seconds["bare"],
-            "ratio_to_bare": seconds["bare"] / seconds["dat-ds"],
-            "updates_per_minibatch": attack.shape.updates_per_minibatch(attack),
-            "phases_s": phases, **count_syncs(b, ours, plan.steps)}
+    out = {"method": label, "seconds": seconds["dat-ds"], "bare_seconds": seconds["bare"],
+           "images_per_s": batch / seconds["dat-ds"], "bare_images_per_s": batch / seconds["bare"],
+           "ratio_to_bare": seconds["bare"] / seconds["dat-ds"],
+           "updates_per_minibatch": attack.shape.updates_per_minibatch(attack),
+           "phases_s": phases, **count_syncs(b, ours, plan.steps)}
+    if "no guard" in seconds:
+        out["no_guard_images_per_s"] = batch / seconds["no guard"]
+        out["no_guard_ratio_to_bare"] = seconds["bare"] / seconds["no guard"]
+    return out
 
 
 def conadv_overlap(b: Bench, plan: Plan, clock: Clock) -> dict:
@@ -503,9 +513,19 @@ def fused_lamb(model, grads, ours: dict, settings: dict, plan: Plan, clock: Cloc
     if device.type != "cuda":
         return {"skipped": "DeepSpeed's FusedLamb is a CUDA kernel (no CPU build)"}
     from deepspeed.ops.lamb import FusedLamb
+    out = {}
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch and arch != deepspeed_arch_list(arch):
+        # DeepSpeed's JIT builder reads "9.0" but not torch's arch-specific "9.0a" (int("0a") fails)
+        out["arch_list"] = {"env": arch, "build": deepspeed_arch_list(arch)}
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
     t0 = time.perf_counter()
-    FusedLamb([torch.zeros(1, device=device, requires_grad=True)])  # builds (JIT) or loads the op
-    out = {"load_s": time.perf_counter() - t0}
+    try:
+        FusedLamb([torch.zeros(1, device=device, requires_grad=True)])  # builds (JIT) or loads the op
+    finally:
+        if arch is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    out["load_s"] = time.perf_counter() - t0
     fused = {k: lambda m, s=s: FusedLamb(param_groups(m, WEIGHT_DECAY), **s["fused"]) for k, s in settings.items()}
     out["ms"] = 1e3 * step_seconds(model, grads, fused["defaults"], plan, clock)
     for k, s in settings.items():
@@ -513,6 +533,20 @@ def fused_lamb(model, grads, ours: dict, settings: dict, plan: Plan, clock: Cloc
         out[f"vs_ours_{k}"] = compare(one_step(model, grads, ours[k]), delta, model.parameters())
         out[f"vs_formula_{k}"] = compare(formula_delta(model, grads, **s["fused"]), delta, model.parameters())
     return out
+
+
+def deepspeed_arch_list(arch: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed's JIT builder parses it: "8.0;9.0a+PTX" -> "8.0;9.0+PTX"."""
+    out = []
+    for cc in arch.replace(" ", ";").split(";"):
+        if cc.strip():
+            base, plus, ptx = cc.strip().partition("+")
+            major, _, minor = base.partition(".")
+            digits = "".join(ch for ch in minor if ch.isdigit()) or "0"
+            cc = f"{major}.{digits}{plus}{ptx}"
+            if cc not in out:
+                out.append(cc)
+    return ";".join(out)
 
 
 def step_seconds(model, grads, make_opt, plan: Plan, clock: Clock) -> float:
@@ -569,6 +603,57 @@ def compare(a: List[torch.Tensor], b: List[torch.Tensor], params) -> dict:
 
 
 # -- running the sections ------------------------------------------------------------------------
+def trace_section(plan: Plan, device: torch.device, clock: Clock, trace_dir: Path) -> dict:
+    """A few natural, PGD-3 and ConAdv steps of dat-ds (guard on and off) and of the bare loop under the
+    PyTorch profiler: the device's busy share of the wall time and the host's costliest operators,
+    with a gzipped Chrome trace of each in ``trace_dir``."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+    b = build_bench(plan.models[0], plan, device)
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    out = {"model": b.spec.name, "batch": b.spec.batch, "runs": []}
+    for method in ("natural", "pgd-3", "conadv"):
+        name, kw = next((n, k) for label, n, k in METHODS if label == method)
+        runs = {"dat-ds": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method}"),
+                "dat-ds no guard": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method} ng", guard=False),
+                "bare": bare_run(b, attacks.create(name, **kw))}
+        for impl, run in runs.items():
+            run(plan.warmup)
+            if clock.cuda:
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                run(plan.steps)
+                if clock.cuda:
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            stem = f"{method}_{impl.replace(' ', '_')}"
+            prof.export_chrome_trace(str(trace_dir / f"{stem}.json"))
+            with open(trace_dir / f"{stem}.json", "rb") as src, gzip.open(trace_dir / f"{stem}.json.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            (trace_dir / f"{stem}.json").unlink()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            (trace_dir / f"{stem}.txt").write_text(table + "\n")
+            out["runs"].append({"method": method, "impl": impl, "wall_s_per_step": wall / plan.steps,
+                                "device_busy": guarded(_busy_share, prof, wall) if clock.cuda else None})
+    return out
+
+
+def _busy_share(prof, wall: float) -> float:
+    """Share of ``wall`` in which at least one kernel or copy ran on the device (union of intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))
+    busy, end = 0.0, float("-inf")
+    for a, z in spans:
+        if z > end:
+            busy += z - max(a, end)
+            end = z
+    return {"share": busy / 1e6 / wall, "device_events": len(spans)}  # time ranges are in microseconds
+
+
 def guarded(fn: Callable, *args, **label) -> dict:
     """``{**label, **fn(*args)}``, or ``{**label, "error": ...}`` naming what failed: one failure
     must not lose the rest."""
@@ -593,8 +678,10 @@ def _plan_from(d: dict) -> Plan:
 class Run:
     """Runs the sections in order within the time budget and rewrites the results after each."""
 
-    def __init__(self, plan: Plan, device: torch.device, out: Optional[Path], quick: bool):
+    def __init__(self, plan: Plan, device: torch.device, out: Optional[Path], quick: bool,
+                 sections: Optional[List[str]] = None, trace_dir: Optional[Path] = None):
         self.plan, self.device, self.out, self.clock = plan, device, out, Clock(device)
+        self.sections, self.trace_dir = sections or SECTIONS, trace_dir
         self.start = time.monotonic()
         self.data = {"title": "GPU check: the training step, codecs, nccl and LAMB on one machine",
                      "machine": machine(),
@@ -605,6 +692,8 @@ class Run:
                      "sections": {}}
 
     def section(self, name: str, fn: Callable, *args) -> None:
+        if name not in self.sections:
+            return
         elapsed = time.monotonic() - self.start
         if elapsed > self.plan.budget_s:
             result = {"skipped": f"the time budget ({self.plan.budget_s:.0f} s) was spent after {elapsed:.0f} s"}
@@ -640,7 +729,11 @@ class Run:
         self.section("codec", codec_section, plan, device, clock)
         self.section("nccl", nccl_section, plan, device, clock, self.start + plan.budget_s + 60)
         self.section("lamb", lamb_section, plan, device, clock)
-        self.data["sections"]["memory"] = guarded(self.memory)
+        if self.trace_dir is not None:
+            self.sections = [*self.sections, "trace"]
+            self.section("trace", trace_section, plan, device, clock, self.trace_dir)
+        if "memory" in self.sections:
+            self.data["sections"]["memory"] = guarded(self.memory)
         self.data["machine"] = machine()  # the load average at the end
         self.save()
         return self.data
@@ -652,7 +745,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the code paths, in seconds")
     p.add_argument("--out", type=Path, default=None,
                    help="results file (default: bench/results/gpu.json on CUDA; a CPU run writes one only if given)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="SECTION",
+                   help=f"run only these ({' '.join(SECTIONS)}; default: all)")
+    p.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                   help="also profile a few natural, PGD-3 and ConAdv steps (dat-ds with and without the step guard, "
+                        "the bare loop): the device's busy share, the host's costliest operators, gzipped Chrome "
+                        "traces in DIR")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no section starts after this many seconds (default: 360 on CUDA, 120 with --quick)")
     args = p.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        print(f"gpu_check: --budget-s must be positive, got {args.budget_s:g}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine, nothing measured "
               "(`python bench/gpu_check.py --device cpu --quick` runs the same code on the CPU)")
@@ -665,7 +769,10 @@ def main(argv=None) -> int:
     out = args.out or (RESULTS / "gpu.json" if args.device == "cuda" else None)
     dist.init()
     device = dist.device()
-    data = Run(make_plan(device, args.quick), device, out, args.quick).all()
+    plan = make_plan(device, args.quick)
+    if args.budget_s is not None:
+        plan.budget_s = args.budget_s
+    data = Run(plan, device, out, args.quick, args.sections, args.trace).all()
     from report_gpu import render_gpu
     print(render_gpu("gpu", data))
     print(f"written: {out}" if out else "(a CPU run: not written; --out PATH keeps it)")

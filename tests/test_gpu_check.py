@@ -28,8 +28,10 @@ def quick(tmp_path_factory):
     before = real.stat().st_mtime_ns if real.exists() else None
     # without the one-rank world that in-process tests leave in this process's environment (its port is taken)
     env = clean_env({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"})
+    trace = out.parent / "trace"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--trace", str(trace)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (real.stat().st_mtime_ns if real.exists() else None) == before
     return json.loads(out.read_text()), proc.stdout
@@ -41,7 +43,7 @@ def positive(v) -> bool:
 
 def test_every_section_ran_without_error(quick):
     data, _ = quick
-    assert set(data["sections"]) == set(gpu_check.SECTIONS)
+    assert set(data["sections"]) == {*gpu_check.SECTIONS, "trace"}
     for name, section in data["sections"].items():
         assert "error" not in section and "skipped" not in section, (name, section)
     assert data["machine"]["cpu"] and data["settings"]["device"] == "cpu"
@@ -60,6 +62,8 @@ def test_throughput_of_every_method_beside_the_bare_loop_within_the_sync_budget(
         assert 1 <= m["host_reads_per_step"] <= 1 + 1 / (steps * m["updates_per_minibatch"]), m
         assert positive(sum(m["phases_s"].values()))
     assert {m["method"]: m["updates_per_minibatch"] for m in model["methods"]}["free-4"] == 4
+    for m in model["methods"]:  # the step guard's price: the same steps timed without it
+        assert positive(m.get("no_guard_ratio_to_bare")) == (m["method"] in gpu_check.GUARD_ABLATION), m
     overlap = model["conadv_overlap"]
     assert all(positive(overlap[k]) for k in ("attack_s", "update_s", "conadv_s"))
     assert math.isclose(overlap["overlap"], overlap["hidden_s"] / overlap["attack_s"])
@@ -129,3 +133,24 @@ def test_cpu_without_quick_is_refused(capsys):
     assert gpu_check.main(["--device", "cpu"]) == 2
     assert "--device cpu needs --quick" in capsys.readouterr().err
 
+
+
+def test_the_trace_profiles_dat_ds_with_and_without_the_guard_and_the_bare_loop(quick, tmp_path):
+    data, stdout = quick
+    runs = data["sections"]["trace"]["runs"]
+    assert {(r["method"], r["impl"]) for r in runs} == {
+        (m, impl) for m in ("natural", "pgd-3", "conadv") for impl in ("dat-ds", "dat-ds no guard", "bare")}
+    assert all(positive(r["wall_s_per_step"]) and r["device_busy"] is None for r in runs)  # no device on a CPU
+    assert "### Profiled steps" in stdout and "| natural | dat-ds no guard |" in stdout
+
+
+@pytest.mark.parametrize("given, built", [("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"),
+                                          ("7.5 8.0 9.0", "7.5;8.0;9.0"), ("10.0a;12.0f;9.0", "10.0;12.0;9.0"),
+                                          ("9.0+PTX", "9.0+PTX")])
+def test_arch_lists_are_rewritten_as_deepspeeds_jit_builder_reads_them(given, built):
+    assert gpu_check.deepspeed_arch_list(given) == built
+
+
+def test_a_bad_budget_is_refused_in_one_line(capsys):
+    assert gpu_check.main(["--device", "cpu", "--quick", "--budget-s", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "gpu_check: --budget-s must be positive, got 0"
