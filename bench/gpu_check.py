@@ -688,7 +688,10 @@ class Run:
                      "settings": {"device": device.type, "quick": quick, "dtype": plan.dtype or "float32",
                                   "budget_s": plan.budget_s, "cudnn_benchmark": torch.backends.cudnn.benchmark,
                                   "gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
-                                  "compile": compress.kernels.compile_mode(), "plan": asdict(plan)},
+                                  "compile": compress.kernels.compile_mode(), "plan": asdict(plan),
+                                  # dat-ds's runs: StepGuard(defer="auto"), on the device on CUDA where
+                                  # the step allows it, on the host on the CPU
+                                  "step_guard": "deferred" if device.type == "cuda" else "synchronous"},
                      "sections": {}}
 
     def section(self, name: str, fn: Callable, *args) -> None:

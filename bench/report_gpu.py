@@ -153,6 +153,10 @@ def trace(section: dict) -> List[str]:
 RENDER = {"throughput": throughput, "codec": codec, "nccl": nccl, "lamb": lamb, "trace": trace, "memory": memory}
 
 
+GUARD = {None: "on the host, one read per step (measured before the deferred agreement existed)",
+         "synchronous": "on the host, one read per step", "deferred": "on the device where the step allows it"}
+
+
 def render_gpu(name: str, data: dict) -> str:
     """Markdown for ``results/{name}.json`` as ``bench/gpu_check.py`` writes it."""
     m = data.get("machine", {})
@@ -162,7 +166,8 @@ def render_gpu(name: str, data: dict) -> str:
            f"{m.get('gpu', 'none')}; torch {m.get('torch', '?')}; deepspeed {m.get('deepspeed', '?')}; "
            f"{m.get('date', '')}", "",
            f"settings: device {s.get('device')}, {'quick sizes' if s.get('quick') else 'full sizes'}, "
-           f"{s.get('dtype')}, {s.get('gpus', 0)} GPU(s), kernels compile: {s.get('compile')}; "
+           f"{s.get('dtype')}, {s.get('gpus', 0)} GPU(s), kernels compile: {s.get('compile')}, "
+           f"step guard's agreement: {GUARD.get(s.get('step_guard'), s.get('step_guard'))}; "
            f"{_fmt(data.get('wall_s'))} s in all", ""]
     for key, fn in RENDER.items():
         section = data.get("sections", {}).get(key)

@@ -277,6 +277,11 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int, default=10, metavar="N",
                    help="stop after N optimizer steps in a row were skipped for a non-finite loss or gradient "
                         "(0: never stop)")
+    g.add_argument("--defer-guard", choices=("auto", "on", "off"), default="auto",
+                   help="where the per-step non-finite/stop agreement is acted on: on the device, read by the "
+                        "host one step later (on; no host read per step, what keeps a GPU's queue full), on the "
+                        "host at once (off), or on when the device is a GPU and the step allows it (auto; needs "
+                        "dat-ds's Lamb, a compressor without state and an attack other than Free-m)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="dat-ds")
     g = p.add_argument_group("faults")

@@ -58,11 +58,18 @@ class WeightEma:
         return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA step from the module's current weights (call after each optimizer step taken)."""
+    def update(self, gate: Optional[torch.Tensor] = None) -> None:
+        """One EMA step from the module's current weights (call after each optimizer step taken).
+
+        ``gate``: a 0-dim float on the device (the step guard's deferred agreement), 0 leaves the
+        average as it is; :meth:`unstep` then takes the count back once the host knows."""
         weight = 1.0 - self.decay_at(self.updates)
         live = [p.detach() for p in self.params]
-        if self._same_dtype:
+        if gate is not None:  # a tensor weight (no host read): mul + add, as lerp takes a host scalar
+            w = gate * weight
+            torch._foreach_mul_(self.shadow, 1.0 - w)
+            torch._foreach_add_(self.shadow, torch._foreach_mul(live, w))
+        elif self._same_dtype:
             torch._foreach_lerp_(self.shadow, live, weight)
         else:  # lerp needs equal dtypes; mul + add promotes a bf16/fp16 weight inside the kernel
             torch._foreach_mul_(self.shadow, 1.0 - weight)
@@ -70,6 +77,10 @@ class WeightEma:
         if self.buffers:
             torch._foreach_copy_(self.shadow_buffers, self.buffers)
         self.updates += 1
+
+    def unstep(self) -> None:
+        """Take back the count of the last ``update`` (its gate was 0: it changed nothing)."""
+        self.updates -= 1
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

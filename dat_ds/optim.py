@@ -30,7 +30,13 @@ class Lamb(Optimizer):
     ``phi(z) = min(max(z, c_l), c_u)``. A layer whose weight or update norm is zero takes the
     plain step (ratio 1), so zero-initialised biases still move. Runs as a handful of
     ``torch._foreach`` kernels per group, with no host-device synchronisation.
+
+    ``gate`` (set for one ``step`` by the step guard's deferred agreement): a 0-dim float on the
+    device, 1 to apply the step, 0 to leave weights and moments exactly as they were (the
+    gradients must then be finite, e.g. zeroed); :meth:`unstep` takes the step count back.
     """
+
+    gate: Optional[torch.Tensor] = None
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, c_l: float = 0.0, c_u: float = 10.0, bias_correction: bool = True):
@@ -47,6 +53,7 @@ class Lamb(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        self._stepped = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -56,10 +63,18 @@ class Lamb(Optimizer):
                     self.state[p]["step"] = 0
                     self.state[p]["exp_avg"] = torch.zeros_like(p)
                     self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-            self._update(group, params)
+            self._update(group, params, self.gate)
+            self._stepped.append(params)
         return loss
 
-    def _update(self, group: dict, params: List[torch.Tensor]) -> None:
+    def unstep(self) -> None:
+        """Take back the step count of the last ``step`` (a gated step that applied nothing)."""
+        for params in getattr(self, "_stepped", []):
+            for p in params:
+                self.state[p]["step"] -= 1
+        self._stepped = []
+
+    def _update(self, group: dict, params: List[torch.Tensor], gate: Optional[torch.Tensor] = None) -> None:
         b1, b2 = group["betas"]
         grads = [p.grad for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
@@ -67,8 +82,13 @@ class Lamb(Optimizer):
         for p in params:
             self.state[p]["step"] += 1
         t = self.state[params[0]]["step"]
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
+        if gate is None:
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+        else:  # decay 1 where the gate is 0: with zero gradients the moments stay as they were
+            torch._foreach_mul_(m, 1 - (1 - b1) * gate)
+            torch._foreach_add_(m, grads, alpha=1 - b1)
+            torch._foreach_mul_(v, 1 - (1 - b2) * gate)
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
         c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
         denom = torch._foreach_sqrt(v)
@@ -82,6 +102,8 @@ class Lamb(Optimizer):
         u_norm = torch.stack(torch._foreach_norm(update))
         phi = w_norm.clamp(group["c_l"], group["c_u"])
         ratio = torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
+        if gate is not None:
+            ratio = ratio * gate
         torch._foreach_mul_(update, list(ratio.unbind()))
         torch._foreach_add_(params, update, alpha=-group["lr"])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from typing import List, Optional
 
 import torch
 
@@ -65,3 +66,31 @@ def _patched(owner, name, value):
             setattr(owner, name, old)
         else:
             delattr(owner, name)
+
+
+class HostCopy:
+    """A device tensor's values on the host without a stall: ``put`` queues a copy into pinned
+    memory behind an event, ``get`` returns the values of the last ``put`` once that event has
+    passed (long passed when read a step later). On the CPU the copy is immediate."""
+
+    def __init__(self):
+        self._host: Optional[torch.Tensor] = None
+        self._event = None
+        self.pending = False
+
+    def put(self, value: torch.Tensor) -> None:
+        value = value.detach().reshape(-1)
+        if self._host is None or self._host.shape != value.shape or self._host.dtype != value.dtype:
+            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+        self._host.copy_(value, non_blocking=True)
+        self._event = None
+        if value.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self.pending = True
+
+    def get(self) -> List[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        self.pending = False
+        return [float(v) for v in self._host.numpy()]

@@ -2,6 +2,7 @@
 rank and counted, and a run that keeps producing them stops with one clear line."""
 import json
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -23,10 +24,13 @@ def poisoned_steps(samples=512, micro=16, world=2, bad=POISON):
     return steps
 
 
-def test_poisoned_batches_are_skipped_on_every_rank(tmp_path):
-    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--poison", ",".join(map(str, POISON))])
+@pytest.mark.parametrize("defer", ["off", "on"])
+def test_poisoned_batches_are_skipped_on_every_rank(tmp_path, defer):
+    """On the host at once (off), or on the device and settled one step later (on): the same steps."""
+    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--poison", ",".join(map(str, POISON)), "--defer", defer])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"params_rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert a["deferred"] == b["deferred"] == (defer == "on")
     expected = len(poisoned_steps())
     assert 1 <= expected <= 3
     assert a["skipped"] == b["skipped"] == expected, "both ranks skip the step only one of them saw"
@@ -37,8 +41,10 @@ def test_poisoned_batches_are_skipped_on_every_rank(tmp_path):
     assert a["loss"] == a["loss"], "the mean loss leaves skipped steps out"
 
 
-def test_skipped_steps_reach_metrics_and_summary(tmp_path):
-    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--poison", ",".join(map(str, POISON)), "--recipe"])
+@pytest.mark.parametrize("defer", ["off", pytest.param("on", marks=pytest.mark.slow)])
+def test_skipped_steps_reach_metrics_and_summary(tmp_path, defer):
+    r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--poison", ",".join(map(str, POISON)), "--recipe",
+                               "--defer", defer])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     expected = len(poisoned_steps(micro=32))
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])

@@ -119,12 +119,14 @@ ORACLE_RUN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", 
 
 
 @pytest.mark.parametrize("oracle", [
+    pytest.param(["--attack", "pgd", "--steps", "1", "--epochs", "2", "--defer-guard", "on"], id="pgd_deferred_guard"),
     pytest.param(["--attack", "conadv", "--tau", "2", "--epochs", "2"], id="conadv_tau2", marks=pytest.mark.slow),
     pytest.param(["--attack", "free", "--steps", "2", "--epochs", "4", "--compressor", "ef_sign"], id="free2_ef_sign",
                  marks=pytest.mark.slow)])
 def test_single_process_kill_mid_epoch_resume_is_exact(tmp_path, oracle):
     """ConAdv's look-ahead batch and weight history, Free-m's perturbation and the error-feedback
-    residual all come back from a mid-epoch checkpoint."""
+    residual all come back from a mid-epoch checkpoint; so does a run whose step guard agrees on the
+    device (its last agreement is settled before the checkpoint is taken)."""
     args = [*ORACLE_RUN, *oracle]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     r = run_recipe([*args, "--output-dir", ref])

@@ -1,5 +1,6 @@
 """The step keeps the device busy: no device synchronize inside an attack, an evaluation forward
-or a training step, and at most one host read per optimizer step (the non-finite/stop agreement).
+or a training step, and at most one host read per optimizer step (the non-finite/stop agreement),
+none at all when that agreement stays on the device (the deferred guard, what a GPU run takes).
 
 On the CPU a synchronize costs nothing, so the test counts the calls that would stall a GPU:
 DeepSpeed's accelerator ``synchronize``, ``torch.cuda.synchronize``, dat-ds's own
@@ -43,8 +44,8 @@ def attack_kwargs(name):
     return kw
 
 
-def count_steps(engine, attack, compressor, n=3):
-    guard = StepGuard(engine, max_nonfinite=0)
+def count_steps(engine, attack, compressor, n=3, defer="off"):
+    guard = StepGuard(engine, max_nonfinite=0, defer=defer)
     with SyncCounter() as counter:
         before = engine.global_steps
         train_epoch(engine, batches(n, seed=1), attack, compressor, Timers(), guard=guard)
@@ -65,6 +66,19 @@ def test_training_steps_of_every_compressor_keep_the_sync_budget(engine, name):
     counts, steps = count_steps(engine, attacks.create("pgd", eps=0.1, steps=1), compress.create(name))
     assert counts["sync"] == 0, counts
     assert counts["host_read"] <= steps + 1, counts
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_with_the_deferred_agreement_a_step_reads_nothing_on_the_host(engine, name):
+    """The guard's agreement on the device (what a GPU run takes): no host read per step at all,
+    only the epoch's mean loss; a shape that needs the host's decision (Free-m) keeps one per step."""
+    attack = attacks.create(name, **attack_kwargs(name))
+    guard = StepGuard(engine, defer="on")
+    deferred = guard.why_not_deferred(compress.create("none"), attack.shape) is None
+    counts, steps = count_steps(engine, attack, compress.create("none"), n=4, defer="on")
+    assert counts["sync"] == 0, counts
+    assert counts["host_read"] == (1 if deferred else steps + 1), (deferred, counts)
+    assert deferred == (name != "free")
 
 
 @pytest.mark.parametrize("name", [n for n in attacks.names() if attacks.ATTACKS.get(n).uses_gradients])

@@ -70,6 +70,12 @@ CASES = [  # (id, args or a function of the tmp folder, exit code, message)
     ("save-every", ["--save-every", "-1"], 2, "--save-every must be >= 0, got -1"),
     ("max-nonfinite", ["--max-nonfinite", "-2"], 2, "--max-nonfinite must be >= 0, got -2"),
     ("num-workers", ["--num-workers", "-1"], 2, "--num-workers must be >= 0, got -1"),
+    ("defer-guard", ["--defer-guard", "always"], 2, "argument --defer-guard: invalid choice: 'always'"),
+    ("defer-guard-stateful", ["--defer-guard", "on", "--compressor", "ef_sign"], 2,
+     "--defer-guard on: the compressor ef_sign keeps state that a discarded exchange would change; "
+     "use --defer-guard auto or off"),
+    ("defer-guard-free", ["--defer-guard", "on", "--attack", "free"], 2,
+     "--defer-guard on: the Replay step shape acts on the host's skip decision"),
     ("train-limit", ["--train-limit", "0"], 2, "--train-limit must be >= 1, got 0"),
     ("seed", ["--seed", "-5"], 2, "--seed must be >= 0, got -5"),
     ("lam", ["--loss", "mix", "--lam", "-1"], 2, "--lam must be a finite number >= 0, got -1.0"),

@@ -39,7 +39,12 @@ class StepContext:
 
 
 class StepShape:
-    """Plain AT by default; subclasses change how minibatches become steps."""
+    """Plain AT by default; subclasses change how minibatches become steps.
+
+    ``device_skip``: the shape's ``after`` callbacks (if any) need not know on the host whether a
+    step was skipped, so the step guard may keep that decision on the device."""
+
+    device_skip = True
 
     def updates_per_minibatch(self, attack) -> int:
         return 1
@@ -70,6 +75,8 @@ class Replay(StepShape):
     """Free-m: each minibatch replayed ``attack.steps`` times; the attack exposes
     ``adversarial_input(x)`` (a leaf that collects the input gradient of the training backward)
     and ``update(x, x_adv)`` (moves the carried perturbation)."""
+
+    device_skip = False  # a skipped replay must not move the perturbation: the host decides
 
     def updates_per_minibatch(self, attack) -> int:
         return attack.steps

@@ -93,6 +93,7 @@ class TrainConfig:
     resume: bool = False
     save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: at epoch ends only
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps that stop the run; 0: never stop
+    defer_guard: str = "auto"  # the step guard's agreement on the device (on), on the host (off), auto: on a GPU
     comm_timeout: float = 600.0  # seconds without step progress or inside one collective before a rank gives up
     save_retries: int = 0  # failed checkpoint/log writes in a row the run survives (the next save retries)
     wandb: bool = False
@@ -114,6 +115,9 @@ class TrainConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not (isinstance(self.comm_timeout, (int, float)) and 0 < self.comm_timeout < math.inf):
             raise ValueError(f"--comm-timeout must be a number of seconds > 0, got {self.comm_timeout}")
+        from ..guard import DEFER_MODES
+        if self.defer_guard not in DEFER_MODES:
+            raise ValueError(f"--defer-guard must be one of {', '.join(DEFER_MODES)}, got {self.defer_guard!r}")
         if not 0 < self.co_drop <= 1:
             raise ValueError(f"--co-drop must lie in (0, 1], got {self.co_drop}")
         check_backbone(self.backbone)

@@ -19,6 +19,7 @@ from ..attacks.shapes import StepContext
 from ..data import to_device
 from ..engine import autocast, exchange_gradients
 from ..guard import StepGuard, skip_step
+from ..syncs import HostCopy
 from ..timing import Timers
 
 
@@ -35,34 +36,54 @@ class EpochState:
 
 
 class Totals:
-    """Running loss and byte counts of an epoch, kept on the device (no per-step host sync)."""
+    """Running loss and byte counts of an epoch, kept on the device (no per-step host sync).
+
+    ``skipped`` in :meth:`add` is a bool, or a 0-dim device bool when the step guard decided on
+    the device (deferred): then the loss is masked there and the counts corrected on the device,
+    read with the epoch's result. A non-finite loss never enters the mean. The progress bar shows
+    the loss of 10 steps earlier, copied to the host without a stall."""
 
     def __init__(self, device):
         self.loss = torch.zeros((), device=device)
+        self.unseen = torch.zeros((), device=device)  # samples of steps skipped on the device
+        self.late_skipped = torch.zeros((), device=device)
         self.seen = self.bytes = self.steps = self.skipped = 0
+        self._shown = HostCopy()
 
     def add(self, loss, n, sent, engine, progress, skipped=False):
-        if skipped:  # a skipped step's loss is not finite: it stays out of the mean
-            self.skipped += 1
-        else:
-            self.loss += loss.detach().float() * n
+        if isinstance(skipped, torch.Tensor) or not skipped:
+            # a non-finite loss (a micro-step of a step skipped later, under accumulation) and a
+            # step skipped on the device stay out of the mean, masked and counted on the device
+            loss = loss.detach().float()
+            drop = ~torch.isfinite(loss)
+            if isinstance(skipped, torch.Tensor):
+                drop = drop | skipped
+                self.late_skipped += skipped
+            self.loss += torch.where(drop, 0.0, loss * n)
+            self.unseen += drop * n
             self.seen += n
+        else:  # skipped on the host: its loss stays out of the mean
+            self.skipped += 1
         self.bytes, self.steps = self.bytes + sent, self.steps + 1
         if progress is not None:
             progress.update(1)
             if self.steps % 10 == 0:
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+                if self._shown.pending:
+                    progress.set_postfix(loss=f"{self._shown.get()[0]:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+                self._shown.put(loss.detach().float())
 
     def result(self) -> dict:
-        return {"train_loss": (self.loss / max(self.seen, 1)).item(), "bytes_sent": self.bytes,
-                "micro_steps": self.steps}
+        return {"train_loss": (self.loss / (self.seen - self.unseen).clamp(min=1)).item(),
+                "bytes_sent": self.bytes, "micro_steps": self.steps}
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss.item(), "seen": self.seen, "bytes": self.bytes, "steps": self.steps,
-                "skipped": self.skipped}
+        return {"loss": self.loss.item(), "seen": self.seen - int(self.unseen.item()), "bytes": self.bytes,
+                "steps": self.steps, "skipped": self.skipped + int(self.late_skipped.item())}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss.fill_(state["loss"])
+        self.unseen.zero_()
+        self.late_skipped.zero_()
         self.seen, self.bytes, self.steps = state["seen"], state["bytes"], state["steps"]
         self.skipped = state.get("skipped", 0)
 
@@ -72,12 +93,15 @@ def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.
     """Backward, gradient exchange at accumulation boundaries, optimizer step.
 
     Returns ``(bytes sent, skipped)``: with a ``guard``, a step whose loss or gradients are not
-    finite on any rank is skipped on every rank (no exchange, no update).
+    finite on any rank is skipped on every rank (no exchange, no update). With the guard's
+    deferred agreement, ``skipped`` is a 0-dim device bool: the step ran gated (no update).
     """
     with timers("backward"):
         engine.backward(loss)
     sent, skipped_before = 0, engine.skipped_steps
     boundary = engine.is_gradient_accumulation_boundary()
+    if boundary and guard is not None and guard.deferred:
+        return _gated_step(engine, compressor, timers, loss, guard)
     if boundary:
         if guard is not None:
             with timers("step"):
@@ -94,6 +118,24 @@ def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.
         engine.step()
     skipped = guard.stepped(skipped_before, where) if guard is not None and boundary else False
     return sent, skipped
+
+
+def _gated_step(engine, compressor, timers: Timers, loss: torch.Tensor, guard: StepGuard):
+    """The optimizer step with the agreement kept on the device (no host read of this step)."""
+    with timers("step"):
+        skip = guard.agree_deferred(loss, [p.grad for p in engine.module.parameters() if p.grad is not None])
+    with timers("codec"):
+        stats = exchange_gradients(engine, compressor)
+    timers.move("codec", "comm", stats.comm_seconds, stats.comm_events)
+    with timers("step"):
+        guard.zero_grads_where(skip, engine)
+        opt = engine.optimizer
+        opt.gate = (~skip).float()
+        try:
+            engine.step()
+        finally:
+            opt.gate = None
+    return stats.bytes_sent, skip
 
 
 def step_context(engine, timers: Timers, carry: Optional[dict] = None) -> StepContext:
@@ -117,6 +159,8 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
     objective = objective or objectives.Madry()
     ctx = step_context(engine, timers, state.carry)
     batches = _counted(_to_device(loader, engine.device), state)
+    if guard is not None:
+        guard.prepare(compressor, attack.shape, ema)
     for x, y, micro_steps in attack.shape.minibatches(ctx, batches, attack):
         boundary = False
         for x_adv, after in micro_steps:
@@ -126,7 +170,10 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
                 loss = objective(engine, x, x_adv, y)
             boundary = engine.is_gradient_accumulation_boundary()
             sent, skipped = update(engine, compressor, timers, loss, guard, state.where())
-            if ema is not None and boundary and not skipped:
+            if ema is not None and boundary and isinstance(skipped, torch.Tensor):
+                with timers("step"):
+                    ema.update(gate=(~skipped).float())
+            elif ema is not None and boundary and not skipped:
                 with timers("step"):
                     ema.update()
             if after is not None:
@@ -134,7 +181,11 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
             totals.add(loss, len(y), sent, engine, progress, skipped)
         state.done += 1
         if boundary and at_boundary is not None and at_boundary(state, totals):
+            if guard is not None:
+                guard.settle()
             return {**totals.result(), "stopped": True}
+    if guard is not None:
+        guard.settle()  # the last step's agreement: counted before anyone reads the counts
     return totals.result()
 
 

@@ -145,17 +145,25 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
     stop = StopSignal()
     out = Path(cfg.output_dir)
-    return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_attack=cfg.make_eval_attack(),
-               objective=cfg.make_objective(), compressor=cfg.make_compressor(), loader=loader,
+    guard = StepGuard(engine, cfg.max_nonfinite, stop, defer=cfg.defer_guard)
+    # in the order they were always made (a component may draw from the RNG when it is made)
+    eval_attack, objective, compressor = cfg.make_eval_attack(), cfg.make_objective(), cfg.make_compressor()
+    weight_ema = ema.from_config(ds_cfg, engine.module)
+    if cfg.defer_guard == "on":
+        reason = guard.why_not_deferred(compressor, attack.shape, weight_ema)
+        if reason:
+            raise ValueError(f"--defer-guard on: {reason}; use --defer-guard auto or off")
+    return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_attack=eval_attack,
+               objective=objective, compressor=compressor, loader=loader,
                test_loader=eval_loader(data.test, cfg.eval_batch_size, rank, world, cfg.num_workers),
                holdout_loader=eval_loader(holdout_set, cfg.eval_batch_size, rank, world) if holdout_set else None,
                passes=passes, updates_per_minibatch=replays, micro=micro, gas=gas, global_batch=global_batch,
                meta={"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
                      **data.meta()},
-               out=out, ckpt_dir=out / "checkpoints", guard=StepGuard(engine, cfg.max_nonfinite, stop), stop=stop,
+               out=out, ckpt_dir=out / "checkpoints", guard=guard, stop=stop,
                progress=ckpt.Progress(ckpt.RunTotals(), OverfitWatch(cfg.co_drop)), timers=Timers(engine.device),
                saves=SaveRetries(cfg.save_retries), watchdog=faults.Watchdog(cfg.comm_timeout),
-               ema=ema.from_config(ds_cfg, engine.module))
+               ema=weight_ema)
 
 
 def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch]) -> dict:
@@ -189,6 +197,7 @@ def _at_boundary(run: Run, state: EpochState, totals: Totals) -> bool:
     run.watchdog.beat()
     due = cfg.save_every and engine.global_steps - run.last_save >= cfg.save_every
     if due or run.guard.stop_requested:
+        run.guard.settle()  # a deferred agreement's counts and LR go into the checkpoint settled
         rank = ckpt.capture(engine, run.attack, run.compressor, state, totals, run.timers, run.progress, run.ema)
         with run.watchdog.paused():
             run.saves(ckpt.save, engine, run.ckpt_dir, state, run.progress, run.meta, rank, run.guard)

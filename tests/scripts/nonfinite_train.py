@@ -49,6 +49,7 @@ def main():
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--max-nonfinite", type=int, default=10)
     p.add_argument("--recipe", action="store_true")
+    p.add_argument("--defer", default="auto", help="the step guard's agreement: auto, on or off")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
     data = load_dataset("fashion_mnist", train_limit=args.samples, eval_limit=32)
@@ -57,7 +58,7 @@ def main():
     if args.recipe:
         cfg = TrainConfig(backbone="test_resnet", stem="native", epochs=1, attack_kwargs={"steps": 1}, eval_steps=1,
                           deepspeed_config=str(ROOT / "tests" / "configs" / "tiny_lamb.json"), output_dir=args.out,
-                          max_nonfinite=args.max_nonfinite)
+                          max_nonfinite=args.max_nonfinite, defer_guard=args.defer)
         train(cfg, data)
         return
     dist.init()
@@ -69,14 +70,14 @@ def main():
     engine = initialize(model, cfg, steps_per_epoch=len(loader), epochs=1)
     seed_everything(1000 + rank)
     start_epoch(loader, 0)
-    guard = StepGuard(engine, args.max_nonfinite)
+    guard = StepGuard(engine, args.max_nonfinite, defer=args.defer)
     stats = train_epoch(engine, loader, attacks.create("pgd", eps=0.1, steps=1), compress.create("none"), Timers(),
                         guard=guard)
     flat = torch.cat([t.detach().reshape(-1) for t in engine.module.parameters()])
     buffers = torch.cat([t.detach().reshape(-1) for t in engine.module.buffers() if t.is_floating_point()])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.save({"params": flat, "buffers": buffers, "skipped": engine.skipped_steps, "steps": engine.global_steps,
-                "loss": stats["train_loss"], "lr_steps": engine.lr_scheduler.last_epoch},
+                "loss": stats["train_loss"], "lr_steps": engine.lr_scheduler.last_epoch, "deferred": guard.deferred},
                Path(args.out) / f"params_rank{rank}.pt")
 
 
