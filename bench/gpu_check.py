@@ -74,7 +74,8 @@ METHODS = [("natural", "none", {}), ("fgsm_rs", "fgsm_rs", {"eps": EPS}),
            ("pgd-10", "pgd", {"eps": EPS, "steps": 10, "alpha": 2.5 * EPS / 10}),
            ("free-4", "free", {"eps": EPS, "steps": 4}), ("conadv", "conadv", {"eps": EPS})]
 SECTIONS = ["throughput", "codec", "nccl", "lamb", "memory"]
-# methods also timed without the step guard: the price of its one host read per optimizer step
+# methods also timed with the step guard's synchronous agreement (one host read per optimizer
+# step) and without the guard: what the guard costs, and what deferring its agreement saves
 GUARD_ABLATION = ("natural", "pgd-3")
 
 
@@ -225,11 +226,13 @@ def build_bench(spec: ModelSpec, plan: Plan, device: torch.device, seed: int = 0
     return Bench(spec, engine, bare, Lamb(param_groups(bare, WEIGHT_DECAY), lr=LR), x, y, plan.dtype)
 
 
-def dat_ds_run(b: Bench, attack, compressor=None, label: str = "", guard: bool = True) -> Callable[[int], dict]:
+def dat_ds_run(b: Bench, attack, compressor=None, label: str = "", guard: Optional[str] = "auto"
+               ) -> Callable[[int], dict]:
     """``run(n)``: one ``train_epoch`` over n minibatches, as a training run makes them (guard on,
-    phase timers on the device's clock; the timers are read after the measurement). ``guard=False``
-    drops the step guard (no non-finite check, no host read per step): what the guard costs."""
-    guard = StepGuard(b.engine) if guard else None
+    phase timers on the device's clock; the timers are read after the measurement). ``guard``: the
+    step guard's ``defer`` mode ("auto" as a run takes it, "off" its synchronous agreement), None
+    drops the guard (no non-finite check, nothing read per step): what the guard costs."""
+    guard = StepGuard(b.engine, defer=guard) if guard else None
     compressor = compressor or compress.create("none")
     timers = b.timers.setdefault(label, Timers(b.engine.device))
     return lambda n: train_epoch(b.engine, [(b.x, b.y)] * n, attack, compressor, timers, guard=guard)
@@ -325,7 +328,8 @@ def method_throughput(b: Bench, label: str, name: str, kw: dict, plan: Plan, clo
     ours = dat_ds_run(b, attack, label=label)
     runs = {"dat-ds": ours, "bare": bare_run(b, attack)}
     if label in GUARD_ABLATION:
-        runs["no guard"] = dat_ds_run(b, attacks.create(name, **kw), label=f"{label}/no guard", guard=False)
+        runs["sync guard"] = dat_ds_run(b, attacks.create(name, **kw), label=f"{label}/sync guard", guard="off")
+        runs["no guard"] = dat_ds_run(b, attacks.create(name, **kw), label=f"{label}/no guard", guard=None)
     seconds = interleaved(clock, runs, plan, plan.steps)
     minibatches = plan.warmup + plan.rounds * plan.steps
     phases = {k: v / minibatches for k, v in b.timers[label].reset().items()}
@@ -335,9 +339,11 @@ def method_throughput(b: Bench, label: str, name: str, kw: dict, plan: Plan, clo
            "ratio_to_bare": seconds["bare"] / seconds["dat-ds"],
            "updates_per_minibatch": attack.shape.updates_per_minibatch(attack),
            "phases_s": phases, **count_syncs(b, ours, plan.steps)}
-    if "no guard" in seconds:
-        out["no_guard_images_per_s"] = batch / seconds["no guard"]
-        out["no_guard_ratio_to_bare"] = seconds["bare"] / seconds["no guard"]
+    for key in ("sync guard", "no guard"):
+        if key in seconds:
+            field = key.replace(" ", "_")
+            out[f"{field}_images_per_s"] = batch / seconds[key]
+            out[f"{field}_ratio_to_bare"] = seconds["bare"] / seconds[key]
     return out
 
 
@@ -604,7 +610,8 @@ def compare(a: List[torch.Tensor], b: List[torch.Tensor], params) -> dict:
 
 # -- running the sections ------------------------------------------------------------------------
 def trace_section(plan: Plan, device: torch.device, clock: Clock, trace_dir: Path) -> dict:
-    """A few natural, PGD-3 and ConAdv steps of dat-ds (guard on and off) and of the bare loop under the
+    """A few natural, PGD-3 and ConAdv steps of dat-ds (its guard as a run takes it, synchronous, none)
+    and of the bare loop under the
     PyTorch profiler: the device's busy share of the wall time and the host's costliest operators,
     with a gzipped Chrome trace of each in ``trace_dir``."""
     import gzip
@@ -618,7 +625,9 @@ def trace_section(plan: Plan, device: torch.device, clock: Clock, trace_dir: Pat
     for method in ("natural", "pgd-3", "conadv"):
         name, kw = next((n, k) for label, n, k in METHODS if label == method)
         runs = {"dat-ds": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method}"),
-                "dat-ds no guard": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method} ng", guard=False),
+                "dat-ds sync guard": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method} sg",
+                                                guard="off"),
+                "dat-ds no guard": dat_ds_run(b, attacks.create(name, **kw), label=f"trace {method} ng", guard=None),
                 "bare": bare_run(b, attacks.create(name, **kw))}
         for impl, run in runs.items():
             run(plan.warmup)
@@ -751,7 +760,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="SECTION",
                    help=f"run only these ({' '.join(SECTIONS)}; default: all)")
     p.add_argument("--trace", type=Path, default=None, metavar="DIR",
-                   help="also profile a few natural, PGD-3 and ConAdv steps (dat-ds with and without the step guard, "
+                   help="also profile a few natural, PGD-3 and ConAdv steps (dat-ds with its step guard, the guard's "
+                        "synchronous agreement and no guard, "
                         "the bare loop): the device's busy share, the host's costliest operators, gzipped Chrome "
                         "traces in DIR")
     p.add_argument("--budget-s", type=float, default=None,
