@@ -74,3 +74,16 @@ def table(headers: List[str], rows: List[list]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the file system under ``directory`` to its last block (a full disk for the fault
+    checks); returns the filler file, whose removal frees it again."""
+    filler = Path(directory) / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

@@ -33,7 +33,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import RESULTS, machine, save  # noqa: E402
+from common import RESULTS, fill_disk, machine, save  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "scripts" / "fault_train.py"
 RUN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "640", "--eval-limit", "32",
@@ -107,24 +107,13 @@ def wait_for_checkpoint(proc, ckpt_dir: Path, timeout=900) -> Path:
     raise RuntimeError("no mid-epoch checkpoint appeared")
 
 
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
-
-
 def inject(name: str, proc, out: Path, disk: Path):
     """Inject fault ``name``; returns the injection time and an undo (run before resuming)."""
     undo = lambda: None  # noqa: E731
     if name == "hung":
         ranks(proc)[1].suspend()
     elif name == "disk":
-        filler = fill(disk)
+        filler = fill_disk(disk)
         undo = filler.unlink
     elif name == "worker":
         workers = []

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmarks' helpers (bench/common.py) serve the tests too
+from common import fill_disk  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,13 +105,3 @@ def mounted_tmpfs(path: Path, options: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def fill_disk(directory: Path) -> Path:
-    """Fill the file system under ``directory`` to its last block; returns the filler file."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
