@@ -37,8 +37,6 @@ from .syncs import HostCopy
 DEFER_MODES = ("auto", "on", "off")
 
 
-
-
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
@@ -110,7 +108,7 @@ class StepGuard:
         self.deferred = False  # chosen per epoch by prepare()
         self._ema = None
         self._flags = HostCopy()  # the last deferred agreement, on its way to the host
-        self._flags_step = 0  # engine.global_steps when it was agreed
+        self._flags_where = ""  # where that step was (epoch, batch), for the message of a stop
 
     # -- the deferred agreement ---------------------------------------------------------------
     def why_not_deferred(self, compressor, shape, ema=None) -> Optional[str]:
@@ -141,25 +139,18 @@ class StepGuard:
         self._ema = ema if self.deferred else None
         return self.deferred
 
-    def agree_deferred(self, loss: torch.Tensor, grads: List[torch.Tensor]) -> torch.Tensor:
+    def agree_deferred(self, loss: torch.Tensor, grads: List[torch.Tensor], where: str = "") -> torch.Tensor:
         """The agreement of this step as a 0-dim bool on the device (True: skip), with no host read
         of it: the flags reach the host behind an event and :meth:`settle` reads them one step later.
         Restores the BatchNorm statistics on the device when the step is skipped."""
         self._window_open = False
         self.settle()  # the previous step's flags: on the host by now
-        total = loss.detach().float().reshape(())
-        if grads:
-            total = torch.stack(torch._foreach_norm(grads)).sum() + total
-        bad = (~torch.isfinite(total)).float()
-        local_stop = float(self.stop is not None and self.stop.signum is not None)
-        flags = torch.stack([bad, bad * 0 + local_stop])  # no host-to-device copy of the stop flag
-        if dist.world_size() > 1:
-            tdist.all_reduce(flags)
+        flags = self._agreed_flags(loss, grads)
         skip = flags[0] > 0
         if self._backup is not None:
             self._restore_where(skip)
         self._flags.put(flags)
-        self._flags_step = self.engine.global_steps
+        self._flags_where = where
         return skip
 
     def settle(self) -> None:
@@ -168,16 +159,11 @@ class StepGuard:
         if not self._flags.pending:
             return
         skip, stop = (v > 0 for v in self._flags.get())  # long there: queued before the step it guarded
-        if stop and not self.stop_requested:
-            self.stop_requested = True
-            self.stop_signum = (self.stop.signum if self.stop is not None and self.stop.signum else signal.SIGTERM)
+        if stop:
+            self._request_stop()
         if skip:
             self._take_back()
-        self.consecutive = self.consecutive + 1 if skip else 0
-        if self.max_nonfinite and self.consecutive >= self.max_nonfinite:
-            raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient "
-                                 f"(last at optimizer step {self._flags_step}); stopping (check the data and the "
-                                 f"learning rate, or raise --max-nonfinite)")
+        self._count(skip, self._flags_where)
 
     def _take_back(self) -> None:
         """A gated step left the weights alone; undo what it counted on the host."""
@@ -231,10 +217,9 @@ class StepGuard:
             torch._foreach_copy_(self._backup, [b.detach() for b in self._buffers])
         self._window_open = True
 
-    def agree(self, loss: torch.Tensor, grads: List[torch.Tensor]) -> bool:
-        """One all-reduce: returns True when the step must be skipped (on every rank)."""
-        self._window_open = False
-        local_stop = float(self.stop is not None and self.stop.signum is not None)
+    def _agreed_flags(self, loss: torch.Tensor, grads: List[torch.Tensor]) -> torch.Tensor:
+        """[any rank saw a non-finite loss or gradient, any rank was asked to stop] on the device,
+        after the one all-reduce (no host read, no host-to-device copy)."""
         if self.check_values and grads:
             total = torch.stack(torch._foreach_norm(grads)).sum() + loss.detach().float()
             bad = (~torch.isfinite(total)).float()
@@ -242,34 +227,49 @@ class StepGuard:
             bad = (~torch.isfinite(loss.detach().float())).float()
         else:
             bad = torch.zeros((), device=loss.device)
-        flags = torch.stack([bad.reshape(()), torch.tensor(local_stop, device=bad.device)])
+        flags = torch.stack([bad.reshape(()), bad.reshape(()) * 0 + self._local_stop()])
         if dist.world_size() > 1:
             tdist.all_reduce(flags)
-        skip, stop = (v > 0 for v in flags.tolist())
-        if stop and not self.stop_requested:
+        return flags
+
+    def _local_stop(self) -> float:
+        return float(self.stop is not None and self.stop.signum is not None)
+
+    def _request_stop(self) -> None:
+        """Some rank was asked to stop: finish this step, checkpoint, exit with its signal."""
+        if not self.stop_requested:
             self.stop_requested = True
-            self.stop_signum = (self.stop.signum if self.stop is not None and self.stop.signum else signal.SIGTERM)
+            self.stop_signum = self.stop.signum if self.stop is not None and self.stop.signum else signal.SIGTERM
+
+    def agree(self, loss: torch.Tensor, grads: List[torch.Tensor]) -> bool:
+        """One all-reduce: returns True when the step must be skipped (on every rank)."""
+        self._window_open = False
+        skip, stop = (v > 0 for v in self._agreed_flags(loss, grads).tolist())
+        if stop:
+            self._request_stop()
         if skip and self._backup is not None:
             torch._foreach_copy_([b.data for b in self._buffers], self._backup)
         return skip
 
     def stop_agreed(self) -> bool:
         """Outside the step loop (an epoch's end): has any rank been asked to stop? One all-reduce."""
-        local = float(self.stop is not None and self.stop.signum is not None)
-        if dist.all_reduce_sum([local])[0] > 0 and not self.stop_requested:
-            self.stop_requested = True
-            self.stop_signum = self.stop.signum if self.stop is not None and self.stop.signum else signal.SIGTERM
+        if dist.all_reduce_sum([self._local_stop()])[0] > 0:
+            self._request_stop()
         return self.stop_requested
 
     def stepped(self, skipped_before: int, where: str) -> bool:
         """After ``engine.step()``: count consecutive skipped steps; True when this one was skipped."""
         skipped = self.engine.skipped_steps > skipped_before
+        self._count(skipped, where)
+        return skipped
+
+    def _count(self, skipped: bool, where: str) -> None:
+        """Consecutive skipped steps; ``max_nonfinite`` of them in a row end the run."""
         self.consecutive = self.consecutive + 1 if skipped else 0
         if self.max_nonfinite and self.consecutive >= self.max_nonfinite:
             raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient "
                                  f"(last at {where}); stopping (check the data and the learning rate, or raise "
                                  f"--max-nonfinite)")
-        return skipped
 
 
 def skip_step(engine) -> None:

@@ -92,32 +92,38 @@ def test_without_a_poisoned_step_the_gated_step_is_the_plain_one(data):
 def test_no_host_read_of_a_step_and_the_agreement_is_settled_one_step_later(data):
     engine, ema = build()
     guard = StepGuard(engine, defer="on")
-    backwards, settled = [], []
-    backward, settle = engine.backward, guard.settle
+    backwards, agreed, settled = [], [], []
+    backward, agree, settle = engine.backward, guard.agree_deferred, guard.settle
 
     def counted_backward(loss):
         backwards.append(engine.global_steps)
         return backward(loss)
 
+    def recorded_agree(*args):
+        skip = agree(*args)
+        agreed.append(engine.global_steps)
+        return skip
+
     def recorded_settle():
         if guard._flags.pending:
-            settled.append((guard._flags_step, engine.global_steps, len(backwards)))
+            settled.append((engine.global_steps, len(backwards)))
         settle()
-    engine.backward, guard.settle = counted_backward, recorded_settle
+    engine.backward, guard.agree_deferred, guard.settle = counted_backward, recorded_agree, recorded_settle
     with SyncCounter() as counter:
         train_epoch(engine, poisoned(data, 4), attacks.create("none"), compress.create("none"), Timers(),
                     guard=guard, ema=ema)
     assert counter.counts["sync"] == 0
     assert counter.counts["host_read"] == 1, counter.counts  # the epoch's mean loss, nothing per step
     # step t's flags are read after step t+1's backward (or at the epoch's end), never before
-    assert [(t, g) for t, g, _ in settled] == [(t, t + 1) for t in range(6)]
-    assert [n for _, _, n in settled] == [2, 3, 4, 5, 6, 6]
+    assert agreed == list(range(6))
+    assert settled == [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 6)]
     assert engine.skipped_steps == 1
 
 
 def test_a_run_that_keeps_producing_nan_stops_one_step_later_with_the_same_message(data):
+    """Read one step later, the message still names the step that made the count."""
     with pytest.raises(NonFiniteError, match=r"^3 optimizer steps in a row had a non-finite loss or gradient "
-                                             r"\(last at optimizer step 2\); stopping"):
+                                             r"\(last at epoch 0, batch 2\); stopping"):
         train("on", poisoned(data, *range(6)), max_nonfinite=3)
 
 

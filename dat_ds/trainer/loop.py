@@ -101,7 +101,7 @@ def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.
     sent, skipped_before = 0, engine.skipped_steps
     boundary = engine.is_gradient_accumulation_boundary()
     if boundary and guard is not None and guard.deferred:
-        return _gated_step(engine, compressor, timers, loss, guard)
+        return _gated_step(engine, compressor, timers, loss, guard, where)
     if boundary:
         if guard is not None:
             with timers("step"):
@@ -120,10 +120,10 @@ def update(engine, compressor: compress.Compressor, timers: Timers, loss: torch.
     return sent, skipped
 
 
-def _gated_step(engine, compressor, timers: Timers, loss: torch.Tensor, guard: StepGuard):
+def _gated_step(engine, compressor, timers: Timers, loss: torch.Tensor, guard: StepGuard, where: str):
     """The optimizer step with the agreement kept on the device (no host read of this step)."""
     with timers("step"):
-        skip = guard.agree_deferred(loss, [p.grad for p in engine.module.parameters() if p.grad is not None])
+        skip = guard.agree_deferred(loss, [p.grad for p in engine.module.parameters() if p.grad is not None], where)
     with timers("codec"):
         stats = exchange_gradients(engine, compressor)
     timers.move("codec", "comm", stats.comm_seconds, stats.comm_events)
