@@ -104,6 +104,7 @@ class StepGuard:
         self.stop_signum: Optional[int] = None
         self._buffers = [b for b in engine.module.buffers()]
         self._backup: Optional[List[torch.Tensor]] = None
+        self._groups: Optional[list] = None  # _restore_where's views of buffers and backup
         self._window_open = False
         self.deferred = False  # chosen per epoch by prepare()
         self._ema = None
@@ -111,7 +112,7 @@ class StepGuard:
         self._flags_where = ""  # where that step was (epoch, batch), for the message of a stop
 
     # -- the deferred agreement ---------------------------------------------------------------
-    def why_not_deferred(self, compressor, shape, ema=None) -> Optional[str]:
+    def why_not_deferred(self, compressor, shape) -> Optional[str]:
         """Why this step cannot take a device-side skip (None: it can)."""
         from .optim import Lamb
         opt, sched = self.engine.optimizer, self.engine.lr_scheduler
@@ -127,15 +128,13 @@ class StepGuard:
             return f"the {type(shape).__name__} step shape acts on the host's skip decision"
         if any(not b.is_contiguous() for b in self._buffers):
             return "a module buffer is not contiguous"
-        if ema is not None and not hasattr(ema, "unstep"):
-            return f"the weight average {type(ema).__name__} has no device-side gate"
         return None
 
     def prepare(self, compressor, shape, ema=None) -> bool:
         """Pick the agreement for the coming steps (an epoch's start); True: deferred."""
         self.settle()
         wanted = self.defer == "on" or (self.defer == "auto" and self.engine.device.type == "cuda")
-        self.deferred = wanted and self.why_not_deferred(compressor, shape, ema) is None
+        self.deferred = wanted and self.why_not_deferred(compressor, shape) is None
         self._ema = ema if self.deferred else None
         return self.deferred
 
@@ -183,14 +182,16 @@ class StepGuard:
     def _restore_where(self, skip: torch.Tensor) -> None:
         """Buffers back to the copy taken before the forward where ``skip`` (a device bool) holds:
         per dtype, one gather, one where and one scatter back, whatever the number of buffers."""
-        groups = {}
-        for b, saved in zip(self._buffers, self._backup):
-            groups.setdefault(b.dtype, ([], []))
-            groups[b.dtype][0].append(b.data.view(-1))
-            groups[b.dtype][1].append(saved.view(-1))
-        for live, saved in groups.values():
+        if self._groups is None:  # flat views of the buffers and their copies, grouped by dtype, once
+            groups = {}
+            for b, saved in zip(self._buffers, self._backup):
+                live_views, saved_views = groups.setdefault(b.dtype, ([], []))
+                live_views.append(b.data.view(-1))
+                saved_views.append(saved.view(-1))
+            self._groups = [(live, saved, [t.numel() for t in live]) for live, saved in groups.values()]
+        for live, saved, sizes in self._groups:
             kept = torch.where(skip, torch.cat(saved), torch.cat(live))
-            torch._foreach_copy_(live, list(kept.split([t.numel() for t in live])))
+            torch._foreach_copy_(live, list(kept.split(sizes)))
 
     @staticmethod
     def zero_grads_where(skip: torch.Tensor, engine) -> None:

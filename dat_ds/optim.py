@@ -49,6 +49,7 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, c_l=c_l, c_u=c_u,
                         bias_correction=bias_correction)
         super().__init__(params, defaults)
+        self._stepped: List[List[torch.Tensor]] = []  # the parameters of the last step, per group
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,7 +70,7 @@ class Lamb(Optimizer):
 
     def unstep(self) -> None:
         """Take back the step count of the last ``step`` (a gated step that applied nothing)."""
-        for params in getattr(self, "_stepped", []):
+        for params in self._stepped:
             for p in params:
                 self.state[p]["step"] -= 1
         self._stepped = []

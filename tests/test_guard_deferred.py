@@ -154,7 +154,7 @@ def test_steps_that_cannot_take_a_device_side_skip_keep_the_synchronous_agreemen
     guard = StepGuard(engine, defer="on")
     attack = attacks.create("free", eps=0.1, steps=2) if case.get("attack") else attacks.create("none")
     compressor = compress.create(case.get("compressor", "none"))
-    assert reason in guard.why_not_deferred(compressor, attack.shape, ema)
+    assert reason in guard.why_not_deferred(compressor, attack.shape)
     train_epoch(engine, poisoned(data[:3], 1), attack, compressor, Timers(), guard=guard, ema=ema)
     assert not guard.deferred and engine.skipped_steps == attack.shape.updates_per_minibatch(attack)
 

@@ -150,7 +150,7 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     eval_attack, objective, compressor = cfg.make_eval_attack(), cfg.make_objective(), cfg.make_compressor()
     weight_ema = ema.from_config(ds_cfg, engine.module)
     if cfg.defer_guard == "on":
-        reason = guard.why_not_deferred(compressor, attack.shape, weight_ema)
+        reason = guard.why_not_deferred(compressor, attack.shape)
         if reason:
             raise ValueError(f"--defer-guard on: {reason}; use --defer-guard auto or off")
     return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_attack=eval_attack,
