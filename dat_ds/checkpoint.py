@@ -22,15 +22,10 @@ import numpy as np
 import torch
 
 from . import dist, faults
+from .errors import ConfigError
 
 LATEST = "latest"
 BEST = "best"
-
-
-def _config_error(message: str) -> ValueError:
-    """The engine's ConfigError (imported here, not at the top: engine re-exports this module)."""
-    from .engine import ConfigError
-    return ConfigError(message)
 
 
 def _safe_checkpoint_engine(current):
@@ -307,8 +302,8 @@ def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: int, warn=None) -> O
         warn(f"--resume: checkpoint {ckpt_dir / tag} is damaged: {problem}")
         problems.append(problem)
     if problems:
-        raise _config_error(f"--resume: no intact checkpoint in {ckpt_dir} ({problems[0]}); "
-                          f"start afresh with another --output-dir")
+        raise ConfigError(f"--resume: no intact checkpoint in {ckpt_dir} ({problems[0]}); "
+                        f"start afresh with another --output-dir")
     return None
 
 
@@ -319,12 +314,12 @@ def _check_same_model(tag_dir: Path, marker: dict, meta: dict, world_size: int) 
     saved = marker.get("meta", {})
     for key in MODEL_KEYS:
         if key in saved and key in meta and saved[key] != meta[key]:
-            raise _config_error(f"--resume: checkpoint {tag_dir} has {key} {saved[key]!r}, this run {meta[key]!r}; "
-                              f"it belongs to another model (use another --output-dir)")
+            raise ConfigError(f"--resume: checkpoint {tag_dir} has {key} {saved[key]!r}, this run {meta[key]!r}; "
+                            f"it belongs to another model (use another --output-dir)")
     if marker.get("world_size", world_size) != world_size:
-        raise _config_error(f"--resume: checkpoint {tag_dir} was written by {marker['world_size']} ranks, this run has "
-                          f"{world_size}; resume with {marker['world_size']} (per-rank RNG, data position and "
-                          f"compressor state)")
+        raise ConfigError(f"--resume: checkpoint {tag_dir} was written by {marker['world_size']} ranks, this run has "
+                        f"{world_size}; resume with {marker['world_size']} (per-rank RNG, data position and "
+                        f"compressor state)")
 
 
 def load_error_reason(err: BaseException) -> str:
@@ -352,10 +347,10 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None) -> Option
         rank_file = where / f"rank{dist.rank()}.pt"
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise _config_error(f"checkpoint {where} refused: not a plain tensor checkpoint or damaged "
-                          f"({load_error_reason(err)})") from None
+        raise ConfigError(f"checkpoint {where} refused: not a plain tensor checkpoint or damaged "
+                        f"({load_error_reason(err)})") from None
     if client_state is None:
-        raise _config_error(f"checkpoint {where} could not be loaded")
+        raise ConfigError(f"checkpoint {where} could not be loaded")
     if "rng" in rank_state:
         set_rng_state(rank_state["rng"])
     return client_state, rank_state

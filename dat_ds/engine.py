@@ -16,11 +16,13 @@ from typing import Tuple
 import torch
 
 from . import dist, ema
+# Checkpoints live in dat_ds.checkpoint; these names stay importable from here.
+from .checkpoint import (BEST, COMPLETE, LATEST, MODEL_KEYS, _safe_checkpoint_engine,  # noqa: F401
+                         complete_checkpoints, latest_tag, load_checkpoint, load_error_reason, pick_checkpoint,
+                         restore_best, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from .compress import CommStats, Compressor
+from .errors import ConfigError  # noqa: F401  (defined below both the engine and the checkpoints)
 from .optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
-
-class ConfigError(ValueError):
-    """A ds_config value is missing, malformed or unsupported; the message names it."""
 
 
 def load_config(path: str) -> dict:
@@ -189,9 +191,3 @@ def exchange_gradients(engine, compressor: Compressor) -> CommStats:
     in place in one persistent flat buffer that every ``.grad`` views (:mod:`dat_ds.compress.flat`)."""
     from .compress import exchange
     return exchange(engine, compressor)
-
-
-# Checkpoints live in dat_ds.checkpoint; these names stay importable from here.
-from .checkpoint import (BEST, COMPLETE, LATEST, MODEL_KEYS, _safe_checkpoint_engine,  # noqa: E402,F401
-                         complete_checkpoints, latest_tag, load_checkpoint, load_error_reason, pick_checkpoint,
-                         restore_best, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
