@@ -17,58 +17,18 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-RESULTS, PLOTS, REPORT = BENCH / "results", BENCH / "plots", BENCH / "REPORT.md"
+from report_common import (BENCH, PLOTS, REPORT, RESULTS, _plt, _save, caption, fmt,  # noqa: F401
+                           machine_line, md_table, plot_bars, settings_line, short_settings)
+from report_faults import render_faults
+from report_gpu import render_gpu
+from report_large_batch import render as render_large_batch
+from report_loader import render_loader
+
 ORDER = ["gpu", "step_cost", "engine_overhead", "link", "compress", "large_batch", "accuracy", "quantization",
          "loader", "faults"]
 TITLES = {"step_cost": "Step cost per training method (dat-ds vs a bare PyTorch loop)",
           "compress": "Gradient exchange per compressor (codec micro-benchmark, loopback)"}
-
-
-def fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(fmt(x) for x in v)
-    return "-" if v is None else str(v)
-
-
-def md_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(c).replace("|", "/") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def machine_line(m: dict) -> str:
-    if not m:
-        return "machine: not recorded"
-    parts = [f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores", f"GPU: {m.get('gpu', 'none')}",
-             f"torch {m.get('torch', '?')}"]
-    if "deepspeed" in m:
-        parts.append(f"deepspeed {m['deepspeed']}")
-    if "date" in m:
-        parts.append(m["date"])
-    if "load_avg_1m" in m:
-        parts.append(f"load average {m['load_avg_1m']} at the end")
-    return "machine: " + "; ".join(parts)
-
-
-def settings_line(s: dict) -> str:
-    return "settings: " + ", ".join(f"{k}={fmt(v)}" for k, v in s.items())
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def caption(data: dict) -> str:
-    m = data.get("machine", {})
-    return f"{m.get('cpu', '?')} x{m.get('cores', '?')}, GPU {m.get('gpu', 'none')}, {m.get('date', '')}"
 
 
 def plot_curves(name: str, data: dict) -> str:
@@ -88,22 +48,6 @@ def plot_curves(name: str, data: dict) -> str:
     return _save(fig, f"{name}_curves.png")
 
 
-def short_settings(data: dict, n: int = 8) -> str:
-    keep = [(k, v) for k, v in data.get("settings", {}).items() if not isinstance(v, (list, dict)) or len(v) < 4]
-    return ", ".join(f"{k}={fmt(v)}" for k, v in keep[:n])
-
-
-def plot_bars(name: str, title: str, values: dict, data: dict, idx: int) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.barh(list(values), list(values.values()))
-    ax.invert_yaxis()
-    ax.set_xlabel(title)
-    ax.set_title(data.get("title", name), fontsize=9)
-    fig.text(0.01, 0.01, caption(data) + "; " + short_settings(data, 6), fontsize=6)
-    return _save(fig, f"{name}_bars{idx}.png")
-
-
 def plot_split(name: str, data: dict) -> str:
     """Stacked compute / comm seconds per epoch (link benchmark)."""
     plt = _plt()
@@ -121,14 +65,6 @@ def plot_split(name: str, data: dict) -> str:
     fig.text(0.01, 0.01, caption(data) + f"; link {data['settings'].get('rate')}, {data['settings'].get('backbone')}",
              fontsize=6)
     return _save(fig, f"{name}_split.png")
-
-
-def _save(fig, filename: str) -> str:
-    PLOTS.mkdir(exist_ok=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(PLOTS / filename, dpi=110)
-    _plt().close(fig)
-    return f"plots/{filename}"
 
 
 def render_generic(name: str, data: dict) -> str:
@@ -217,11 +153,6 @@ def gpu_section(all_data: dict) -> str:
 
 def own_renderers() -> dict:
     """Results files whose tables have a renderer of their own, in ``bench/report_*.py``."""
-    sys.path.insert(0, str(BENCH))
-    from report_faults import render_faults
-    from report_gpu import render_gpu
-    from report_large_batch import render as render_large_batch
-    from report_loader import render_loader
     return {"faults": render_faults, "gpu": render_gpu, "large_batch": render_large_batch, "loader": render_loader}
 
 

@@ -5,6 +5,8 @@ injected fault with its exit code, time to detection, what was lost and how the 
 """
 from __future__ import annotations
 
+from report_common import machine_line, settings_line
+
 HEADERS = ["fault", "exit", "detected after", "job ended after", "lost (since the last checkpoint)", "resume",
            "the line"]
 
@@ -24,12 +26,11 @@ def _row(r: dict) -> list:
 
 def render_faults(name: str, data: dict) -> str:
     """Markdown for the fault table (``name`` is the results file's stem)."""
-    import report  # the renderer's helpers; imported here because report.py imports this module
     rows = [_row(r) for r in data.get("rows", [])]
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     out = [f"## {data.get('title', name)}", "",
-           f"`results/{name}.json`; {report.machine_line(data.get('machine', {}))}", "",
-           report.settings_line(data.get("settings", {})), "", *lines, ""]
+           f"`results/{name}.json`; {machine_line(data.get('machine', {}))}", "",
+           settings_line(data.get("settings", {})), "", *lines, ""]
     out += [f"* {note}" for note in data.get("notes", [])] + [""]
     return "\n".join(out)

@@ -89,6 +89,7 @@ def _cmdline(pid: str) -> str:
 
 def test_report_renders_the_common_schema(tmp_path, monkeypatch):
     import report
+    import report_common
     results, plots = tmp_path / "results", tmp_path / "plots"
     results.mkdir()
     (results / "semisup.json").write_text(json.dumps({
@@ -96,10 +97,31 @@ def test_report_renders_the_common_schema(tmp_path, monkeypatch):
         "settings": {"epochs": 2}, "rows": [{"method": "a", "RA %": 40.0}, {"method": "b", "RA %": 41.5, "TA %": 80}],
         "curves": {"a": [[1, 0.3], [2, 0.4]]}, "notes": ["one seed"]}))
     monkeypatch.setattr(report, "RESULTS", results)
-    monkeypatch.setattr(report, "PLOTS", plots)
+    monkeypatch.setattr(report_common, "PLOTS", plots)
     monkeypatch.setattr(report, "REPORT", tmp_path / "REPORT.md")
     report.main()
     text = (tmp_path / "REPORT.md").read_text()
     assert "## Semi-supervised DAT" in text and "| method | RA % | TA % |" in text and "| b | 41.5 | 80 |" in text
     assert "* one seed" in text and "No GPU was available" in text
     assert (plots / "semisup_curves.png").stat().st_size > 1000
+
+
+def bench_imports(path: Path) -> set:
+    """The bench modules ``path`` imports, at its top or inside its functions."""
+    import ast
+    mods = {p.stem for p in path.parent.glob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return (found & mods) - {path.stem}
+
+
+def test_no_import_circle_among_the_benchmarks_even_inside_functions():
+    """The report's sections import their shared helpers from report_common, never report.py."""
+    from test_architecture import find_cycle
+    graph = {p.stem: bench_imports(p) for p in (ROOT / "bench").glob("*.py")}
+    assert {"report_faults", "report_loader"} <= graph["report"], "the graph was not read"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .bits import header_floats, pack_bits, unpack_bits, unpack_to_float
-from .qsgd_codec import _qsgd_levels, qsgd_bytes  # noqa: F401  (the baseline shares the layout)
+from .qsgd_layout import _qsgd_levels, qsgd_bytes  # noqa: F401  (the fused codec's layout)
 from .sign_codec import sign_bytes
 from .workspace import Workspace, _empty
 

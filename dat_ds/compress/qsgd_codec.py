@@ -17,28 +17,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from . import kernels
+from . import baseline, kernels
 from .bits import header_floats, pack_bits, unpack_bits, unpack_to_float
+from .qsgd_layout import _qsgd_levels, qsgd_bytes  # noqa: F401  (the payload's layout)
 from .workspace import Workspace, _empty
 
 MIN_NORM = 1e-30
-
-
-def _qsgd_levels(bits: int) -> Tuple[float, float, int]:
-    """(a, c, largest code) of the affine map t = a v / ||v|| + c."""
-    if bits == 1:
-        return 0.5, 0.5, 1
-    s = 2 ** (bits - 1) - 1
-    return float(s), float(s), 2 * s
-
-
-def qsgd_bytes(numel: int, bits: int, bucket_size: int) -> int:
-    """Payload bytes of ``numel`` values: one fp32 norm per bucket + ``bits`` per value."""
-    return 4 * math.ceil(numel / bucket_size) + math.ceil(numel * bits / 8)
 
 
 def random16(shape, generator: Optional[torch.Generator], device, ws: Optional[Workspace]) -> torch.Tensor:
@@ -92,7 +80,6 @@ def qsgd_encode(x: torch.Tensor, bits: int, bucket_size: int, generator: Optiona
     """Rows of fp32 values (R, S), S a multiple of ``bucket_size`` (itself a multiple of 8),
     -> payload rows (R, 4 S / bucket_size + S bits / 8): fp32 norms, then packed codes."""
     if bits == 16:
-        from . import baseline
         return baseline.qsgd_encode(x, bits, bucket_size, generator, out, ws)
     rows, size = x.shape
     nb = size // bucket_size
@@ -117,7 +104,6 @@ def qsgd_decode(data: torch.Tensor, bits: int, bucket_size: int, size: int, out:
     the rows' sum (size,) in one pass (``weight`` 1 / R makes it their mean); with
     ``accumulate`` the result is added to ``out`` instead of written."""
     if bits == 16:
-        from . import baseline
         assert not mean, "16-bit codes decode row by row"
         return baseline.qsgd_decode(data, bits, bucket_size, size, out, ws, weight, accumulate)
     rows = data.shape[0]
