@@ -261,9 +261,10 @@ def mixed_loader_fn(pool: Optional[PseudoLabels], fraction: float, batches: Opti
         labels = pool.labels if pool is not None else torch.zeros(0, dtype=torch.long)
         pool_set = TensorImages(images, labels, getattr(train_set, "augment", None))
         sampler = MixedBatchSampler(len(train_set), len(pool_set), micro, fraction, rank, world, seed, batches)
-        # batch_size=None: the sampler yields whole batches, read in one slice by MixedImages
+        # batch_size=None: the sampler yields whole batches, read in one slice by MixedImages; workers
+        # start afresh every epoch, as in train_loader
         return DataLoader(MixedImages(train_set, pool_set), sampler=sampler, batch_size=None,
-                          collate_fn=_batch_collate, num_workers=num_workers, persistent_workers=num_workers > 0,
+                          collate_fn=_batch_collate, num_workers=num_workers,
                           generator=torch.Generator().manual_seed(seed))
 
     return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -39,16 +40,23 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a training loader's generator for ``(run seed, epoch, rank)``: a
+    ``SeedSequence`` hash, so no two triples share a seed by arithmetic accident."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Point a :func:`train_loader` at ``epoch``, ``skip_batches`` batches in.
 
-    The loader draws its worker seeds from its own generator, reseeded here from the run's seed
-    and the epoch, so starting an iterator never touches the global RNG (whose state a
-    checkpoint restores) and a resumed epoch gives its workers the same seeds.
+    The loader draws its worker seeds from its own generator, reseeded here from the run's seed,
+    the epoch and the rank (:func:`loader_seed`): worker k of every rank draws its own
+    augmentations, starting an iterator never touches the global RNG (whose state a checkpoint
+    restores), and a resumed epoch gives its workers the same seeds.
     """
     # batch_size None: the sampler yields whole batches (e.g. labeled + pseudo-labeled), so it skips batches
     loader.sampler.set_epoch(epoch, skip_batches * (loader.batch_size or 1))
-    loader.generator.manual_seed(loader.sampler.seed * 100_003 + epoch)
+    loader.generator.manual_seed(loader_seed(loader.sampler.seed, epoch, loader.sampler.rank))
 
 
 def _batch_collate(batch):
@@ -94,8 +102,10 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
         raise ValueError(f"the training set has {len(ds)} samples, fewer than one global batch "
                          f"({batch_size} x {world_size} ranks); raise --train-limit or lower the batch size")
     sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # workers start afresh every epoch (not persistent): persistent ones keep the RNG of the epoch
+    # they started in, so a run resumed at epoch e would not draw the augmentations it drew before
     return DataLoader(raw_batches(ds), batch_size=batch_size, sampler=sampler, drop_last=True,
-                      collate_fn=_batch_collate, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      collate_fn=_batch_collate, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed), pin_memory=_pin())
 
 
