@@ -51,8 +51,9 @@ def train_teacher(cfg, data, epochs: int) -> Path:
     """A standard (natural) model on the labeled data; reused when ``<output-dir>/teacher`` is complete."""
     out = Path(cfg.output_dir) / "teacher"
     if not (out / "summary.json").is_file():
-        tcfg = dataclasses.replace(cfg, attack="none", loss="madry", epochs=epochs, output_dir=str(out), holdout=0,
-                                   stop_after=None, resume=False, steps=None, alpha=None,
+        # natural training: no attack, plain cross-entropy, so none of the run's attack or loss settings apply
+        tcfg = dataclasses.replace(cfg, attack="none", attack_kwargs={}, loss="madry", loss_kwargs={},
+                                   epochs=epochs, output_dir=str(out), holdout=0, stop_after=None, resume=False,
                                    eval_steps=1)  # its robustness is not the point
         summary = train(tcfg, data)
         if dist.is_main():

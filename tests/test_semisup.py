@@ -129,6 +129,25 @@ def test_two_ranks_draw_disjoint_shards_of_both_pools(tmp_path):
     assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 150, "each rank owns half the pool"
 
 
+def test_readme_command_trains_its_teacher_in_the_run(tmp_path):
+    """The README's command without --teacher: a teacher trained here (no attack, none of the run's
+    attack or loss settings), its pseudo-labels, then DAT on the mixed batches, in one process."""
+    out = tmp_path / "rst"
+    r = run_recipe([*QUICK, "--train-limit", "256", "--epochs", "1", "--labeled-fraction", "0.5",
+                    "--teacher-epochs", "1", "--loss", "trades", "--output-dir", out],
+                   script="recipes/semisup_dat.py", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = json.loads((out / "teacher" / "summary.json").read_text())
+    assert teacher["attack"] == "none" and teacher["loss"] == "madry" and teacher["epochs"] == 1
+    assert json.loads((out / "teacher" / "config.json").read_text())["attack_kwargs"] == {}
+    side = json.loads((out / "pseudo_labels.npz.json").read_text())
+    assert side["count"] == len(load_pseudo_labels(out / "pseudo_labels.npz")) == 128
+    assert side["teacher"].startswith(str(out / "teacher"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labeled_samples"] == 128 and summary["pseudo_labeled_samples"] == 128
+    assert summary["attack"] == "pgd" and summary["loss"] == "trades"
+
+
 @pytest.mark.slow  # three trainings under the launcher: ~1-2 min on 2 cores
 def test_recipe_trains_teacher_labels_pool_and_resumes_on_two_ranks(tmp_path):
     out = tmp_path / "rst"
