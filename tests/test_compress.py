@@ -191,6 +191,53 @@ def test_powersgd_matches_ddps_powersgd_hook(exchanges, world):
                                    rtol=1e-4, atol=1e-4)
 
 
+def powersgd_steps(shapes, steps: int, baseline: bool, **kw):
+    """``steps`` exchanges of seeded gradients at world size 1: the results, the error and every
+    buffer handed to the all-reduce (what would go on the wire)."""
+    c = create("powersgd", random_seed=3, **kw)
+    if baseline:
+        c.use_baseline_codec()
+    sent = []
+    c._all_reduce = lambda stats, buf, world: sent.append(buf.clone())
+    gen = torch.Generator().manual_seed(11)
+    numel = sum(math.prod(s) for s in shapes)
+    outs = []
+    for _ in range(steps):
+        flat = torch.randn(numel, generator=gen)
+        c.all_reduce_flat_(flat, numel, [torch.Size(s) for s in shapes])
+        outs.append(flat)
+    return torch.stack(outs), c.state_dict()["error"], sent
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_powersgd_grouped_by_shape_gives_the_per_tensor_numbers_and_bytes(rank):
+    """Matrices stacked by shape (batched products, one orthogonalization per shape, vectors in one
+    copy) against the first, per-tensor form: the same results, residuals and exchanged buffers."""
+    shapes = [(24, 40), (30,), (24, 40), (8, 6, 3, 3), (50, 20), (24, 40), (5,), (8, 6, 3, 3), (3, 2)]
+    grouped, err, sent = powersgd_steps(shapes, 3, False, matrix_rank=rank)
+    looped, err_looped, sent_looped = powersgd_steps(shapes, 3, True, matrix_rank=rank)
+    assert not torch.equal(grouped[0], grouped[1])
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)  # values ~1: fp32 sums in another order
+    torch.testing.assert_close(err, err_looped, rtol=1e-5, atol=1e-5)
+    assert [b.numel() for b in sent] == [b.numel() for b in sent_looped] and len(sent) == 9  # vectors, P, Q
+    for a, b in zip(sent, sent_looped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_powersgd_dispatches_per_shape_not_per_tensor():
+    """4 or 32 matrices of one shape: the grouped exchange dispatches the same operators (one
+    batched product per shape); the per-tensor form dispatches more with every matrix."""
+    def ops(count, baseline):
+        c = create("powersgd", matrix_rank=2)
+        if baseline:
+            c.use_baseline_codec()
+        shapes = [torch.Size((16, 12)), torch.Size((16,))] * count
+        flat = torch.randn(count * 208)
+        c.all_reduce_flat_(flat, flat.numel(), shapes)  # first call: layout, workspaces, Q
+        return dispatched_ops(lambda: c.all_reduce_flat_(flat, flat.numel(), shapes))
+    assert ops(4, False) == ops(32, False) < ops(4, True) < ops(32, True)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 def test_bf16_matches_ddps_bf16_hook(exchanges, world):
     for r in exchanges[2][world]:
