@@ -9,7 +9,7 @@ so 1 rank and N ranks give identical results.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -121,32 +121,83 @@ class PGDSpec:
         return alive
 
 
+# AutoAttack's attack sets (pyautoattack's ``_set_version``) and the fewest classes each attack takes:
+# the DLR losses divide by the gap between the largest and the 3rd (APGD-DLR) or the mean of the 3rd
+# and 4th (targeted, APGD-T) largest logits; a targeted attack needs one other class per target.
+AUTOATTACK_VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+                       "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+                       "rand": ("apgd-ce", "apgd-dlr")}
+AUTOATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+AUTOATTACK_TARGETS = 9  # target classes of APGD-T and FAB-T in every version (Linf, L2)
+
+
 @dataclass(frozen=True)
 class AutoAttackSpec:
-    """AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package; ``standard`` runs
-    APGD-CE, APGD-T, FAB-T and Square on the samples that are still correctly classified."""
+    """AutoAttack (Croce & Hein 2020) through the ``pyautoattack`` package, on the samples that are
+    still correctly classified; ``standard`` runs APGD-CE, APGD-T, FAB-T and Square.
+
+    AutoAttack's 9 target classes need 10 classes: with ``C`` classes APGD-T and FAB-T target the
+    ``min(9, C - 1)`` most likely other classes, and the attacks on a DLR loss, which needs more
+    classes, are left out: APGD-T below 4, APGD-DLR below 3 (``standard`` with 2 or 3 classes:
+    APGD-CE, FAB-T on every other class, Square with its margin loss). ``num_classes`` None: the
+    width of the model's output; :meth:`record` names the attacks and the target count.
+    """
     eps: float
     norm: str = "linf"
     version: str = "standard"
+    num_classes: Optional[int] = None
+    _seen: List[int] = field(default_factory=list, init=False, compare=False, repr=False)  # what correct() read
 
     def __post_init__(self):
         _check_threat(self.eps, self.norm)
+        if self.version not in AUTOATTACK_VERSIONS:
+            raise ValueError(f"AutoAttack version must be one of {', '.join(AUTOATTACK_VERSIONS)}, "
+                             f"got {self.version!r}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"AutoAttack needs at least 2 classes, got num_classes={self.num_classes}")
 
     @property
     def name(self) -> str:
         return f"autoattack_{self.norm}_eps{self.eps:.6g}"
 
+    def plan(self, num_classes: int) -> Tuple[Tuple[str, ...], Optional[int]]:
+        """``(attacks, target classes)`` AutoAttack runs against a ``num_classes``-class model
+        (target classes None when no targeted attack runs)."""
+        run = tuple(a for a in AUTOATTACK_VERSIONS[self.version] if num_classes >= AUTOATTACK_MIN_CLASSES.get(a, 2))
+        targeted = any(a in ("apgd-t", "fab-t") for a in run)
+        return run, min(AUTOATTACK_TARGETS, num_classes - 1) if targeted else None
+
     def record(self, acc: float) -> dict:
-        return {"eps": self.eps, "version": self.version, "norm": self.norm, "robust_acc": acc}
+        classes = self.num_classes if self.num_classes is not None else next(iter(self._seen), None)
+        attacks, targets = self.plan(classes) if classes is not None else (None, None)
+        return {"eps": self.eps, "version": self.version, "norm": self.norm, "num_classes": classes,
+                "attacks": list(attacks) if attacks is not None else None, "target_classes": targets,
+                "robust_acc": acc}
+
+    def _classes(self, model: nn.Module, x: torch.Tensor) -> int:
+        """The model's class count (the width of its output), checked against ``num_classes``."""
+        with torch.no_grad():
+            width = model(x[:1]).shape[1]
+        if width < 2 or self.num_classes not in (None, width):
+            raise ValueError(f"AutoAttack: the model gives {width} logits, "
+                             f"{'fewer than 2' if width < 2 else f'but num_classes is {self.num_classes}'}")
+        if not self._seen:
+            self._seen.append(width)
+        return width
 
     def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor,
                 seed: Tuple[int, int]) -> torch.Tensor:
         from pyautoattack import AutoAttack
+        classes = self._classes(model, x)
         if self.eps == 0 or not alive.any():
             return alive.clone()
         idx = alive.nonzero().squeeze(1)
         aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[self.norm], eps=self.eps, version=self.version,
                         device=x.device, seed=_seed(*seed, AUTOATTACK_SALT))
+        attacks_run, targets = self.plan(classes)
+        aa.attacks_to_run = list(attacks_run)   # the version's settings (restarts, queries) stay
+        if targets is not None:
+            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = targets
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), attacks.attack_mode(model):
             x_adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
         out = alive.clone()

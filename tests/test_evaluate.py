@@ -85,8 +85,9 @@ def test_outputs_have_the_documented_keys(suite):
     assert s["model"]["backbone"] == "test_resnet" and s["eps"] == 0.1 and s["norm"] == "linf"
     assert s["eval_samples"] == 16 and s["world_size"] == 1
     assert all(set(r) == PGD_KEYS for r in s["pgd"] + s["eps_sweep"] + s["steps_sweep"])
-    assert s["autoattack"] == {"eps": 0.1, "version": "standard", "norm": "linf", "robust_acc": pytest.approx(
-        s["autoattack"]["robust_acc"])}
+    assert s["autoattack"] == {"eps": 0.1, "version": "standard", "norm": "linf", "num_classes": 10,
+                               "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "target_classes": 9,
+                               "robust_acc": pytest.approx(s["autoattack"]["robust_acc"])}
     with open(out / "per_sample.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 16 and [int(r["index"]) for r in rows] == list(range(16))
