@@ -17,12 +17,12 @@ TINY = ["--train-limit", "96", "--eval-limit", "32", "--steps", "2", "--eval-ste
         "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, num_channels: int = 3):
     """A few-thousand-parameter model of ``family``: a step takes milliseconds."""
     import transformers as tf
     if family == "vit":  # 32 px native, so 28 px Fashion-MNIST needs interpolated position embeddings
         return tf.ViTConfig(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32, num_labels=3)
+                            intermediate_size=32, num_labels=3, num_channels=num_channels)
     if family == "convnext":
         return tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3)
     if family == "resnet":
@@ -150,6 +150,70 @@ def test_every_attack_runs_on_a_transformers_backbone(folders, name):
         assert not torch.equal(x_adv, x)
     if getattr(atk, "norm", "linf") == "linf":
         assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+# --- models that declare other input channels ------------------------------------------------
+
+def save_vit(folder, num_channels: int, mean=None, std=None):
+    """A tiny ViT for ``num_channels``-channel images; its processor is ViTImageProcessor's default
+    (0.5 for each of 3 channels, what ``save_pretrained`` writes unless told otherwise) or ``mean``/``std``."""
+    from transformers import AutoModelForImageClassification, ViTImageProcessor
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(tiny_config("vit", num_channels)).save_pretrained(folder)
+    stats = {} if mean is None else {"image_mean": list(mean), "image_std": list(std)}
+    ViTImageProcessor(**stats).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grey_vit(tmp_path_factory):
+    return save_vit(tmp_path_factory.mktemp("hf") / "grey_vit", 1)
+
+
+def test_a_grey_model_is_fed_grey_images(grey_vit):
+    """num_channels=1: one normalization channel, and the model sees the grey image itself (not RGB)."""
+    model = create_model(f"transformers:{grey_vit}", 5, 1, 28, mean=(0.3,), std=(0.3,)).eval()
+    assert model.normalize.mean.shape == (1, 1, 1, 1) and model.normalize.mean.item() == 0.5
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    logits = model(x)
+    hf = model.backbone.model
+    assert torch.allclose(logits, hf(pixel_values=(x - 0.5) / 0.5, interpolate_pos_encoding=True).logits, atol=1e-6)
+    logits[:, 0].sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_a_grey_model_without_statistics_takes_the_datasets(tmp_path):
+    folder = save_vit(tmp_path / "vit", 1)
+    (folder / "preprocessor_config.json").unlink()
+    model = create_model(f"transformers:{folder}", 5, 1, 28, mean=(0.3,), std=(0.4,))
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.3])
+    assert (1 / model.normalize.inv_std).flatten().tolist() == pytest.approx([0.4])
+
+
+def test_channel_mismatches_are_refused_when_the_model_is_built(grey_vit, tmp_path):
+    with pytest.raises(ValueError, match="takes grey images .* and the data is RGB") as err:
+        create_model(f"transformers:{grey_vit}", 5, 3, 28)
+    assert "\n" not in str(err.value)
+    four = save_vit(tmp_path / "vit4", 4, mean=[0.5] * 4, std=[0.5] * 4)
+    with pytest.raises(ValueError, match="takes 4-channel images and the data has 1 channel"):
+        create_model(f"transformers:{four}", 5, 1, 28)
+    assert create_model(f"transformers:{four}", 5, 4, 28)(torch.rand(2, 4, 28, 28)).shape == (2, 5)
+    odd = save_vit(tmp_path / "odd", 1, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"image_mean has 3 values .* for a 1-channel model"):
+        create_model(f"transformers:{odd}", 5, 1, 28)
+
+
+def test_a_grey_vit_trains_through_the_recipe_and_rebuilds(grey_vit, tmp_path):
+    out = tmp_path / "run"
+    r = run_recipe(["--backbone", f"transformers:{grey_vit}", *TINY, "--epochs", "1", "--output-dir", out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 3 and 0 <= summary["robust_acc"] <= summary["clean_acc"] <= 1
+    state = torch.load(find_checkpoint(out), weights_only=True)
+    assert state["module"]["normalize.mean"].shape == (1, 1, 1, 1)
+    assert state["module"]["backbone.model.vit.embeddings.patch_embeddings.projection.weight"].shape[1] == 1
+    model, _ = load_model(find_checkpoint(out))
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
 # --- the recipes, as a user runs them ---------------------------------------------------------

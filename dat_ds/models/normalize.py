@@ -48,6 +48,20 @@ class NormalizedModel(nn.Module):
         return self.backbone(z.to(dtype)).float()
 
 
+def check_channels(backbone: str, model_chans: int, data_chans: int) -> None:
+    """The data fits a backbone that declares ``model_chans`` input channels: the same number, or
+    grey images repeated to RGB (what :class:`Normalize`'s 3-channel statistics do to a 1-channel
+    input). Anything else is refused in one line: colour is not turned into grey behind the user's
+    back, and grey is repeated only to RGB."""
+    if data_chans == model_chans or (data_chans == 1 and model_chans == 3):
+        return
+    if data_chans == 3 and model_chans == 1:
+        raise ValueError(f"backbone {backbone!r} takes grey images (num_channels=1) and the data is RGB; "
+                         f"use a 3-channel model or a grey dataset (colour is not converted to grey)")
+    raise ValueError(f"backbone {backbone!r} takes {model_chans}-channel images and the data has {data_chans} "
+                     f"channel(s); only grey images are adapted, by repetition to 3 channels")
+
+
 def per_channel(stats: Sequence[float], in_chans: int) -> tuple:
     """Statistics given once for all channels, repeated to ``in_chans`` values."""
     return tuple(stats) * in_chans if len(stats) == 1 and in_chans != 1 else tuple(stats)

@@ -3,8 +3,10 @@
 ``NAME_OR_PATH`` is a local ``save_pretrained`` folder (offline) or a hub model id (online) of
 any ``AutoModelForImageClassification`` model. The wrapper keeps dat-ds's contract: pixels in
 [0, 1] (the image processor's mean/std inside the model), a tensor in and a logits tensor out,
-the head resized to the dataset's classes, grey images repeated to RGB, and the position
-embeddings interpolated when a ViT-like model runs at another resolution than its config's.
+the head resized to the dataset's classes, the images fed with the channels the model's config
+declares (``num_channels``: grey data repeated to RGB for a 3-channel model, fed as is to a grey
+one; anything else refused when the model is built), and the position embeddings interpolated when
+a ViT-like model runs at another resolution than its config's.
 
 The model's config (without label names) is kept in the checkpoint as a byte buffer, so a run
 is rebuilt for evaluation or export even after the original folder has moved.
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .normalize import NormalizedModel, normalization
+from .normalize import NormalizedModel, check_channels, normalization, per_channel
 from .sources import SOURCES, BackboneSource, check_stem
 from .timm_source import class_names as recorded_class_names
 
@@ -98,8 +100,10 @@ def load_config(name: str):
     return config
 
 
-def processor_stats(name: str, config) -> tuple:
-    """``(mean, std)``: the image processor's, else the model config's, else ImageNet's."""
+def processor_stats(name: str, config, fallback: Optional[tuple] = None) -> tuple:
+    """``(mean, std)`` with one value per channel the model declares: the image processor's, else
+    the model config's, else ImageNet's for a 3-channel model and ``fallback`` (the dataset's) for
+    another; ``ValueError`` when the declared statistics do not fit the model's channels."""
     stats = None
     where = _local(name)
     if where is not None:
@@ -117,14 +121,28 @@ def processor_stats(name: str, config) -> tuple:
             stats = None
     if not stats or stats[0] is None or stats[1] is None:
         stats = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    chans = model_channels(config)
     if stats[0] is None or stats[1] is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-    chans = getattr(config, "num_channels", 3)
-    return tuple(_channels(stats[0], chans)), tuple(_channels(stats[1], chans))
+        stats = (IMAGENET_MEAN, IMAGENET_STD) if chans == 3 or fallback is None else fallback
+    return (tuple(_channels(stats[0], chans, name, "image_mean")),
+            tuple(_channels(stats[1], chans, name, "image_std")))
 
 
-def _channels(value, chans: int) -> list:
-    return [float(value)] * chans if isinstance(value, (int, float)) else [float(v) for v in value]
+def model_channels(config) -> int:
+    """The input channels the model's config declares (``num_channels``; 3 when it says nothing)."""
+    return int(getattr(config, "num_channels", 3))
+
+
+def _channels(value, chans: int, name: str, what: str) -> list:
+    """``value`` as one number per channel: a single number (or equal ones, a statistic of no
+    particular channel) serves every channel; differing ones must be one per channel."""
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) == chans:
+        return values
+    if values and len(set(values)) == 1:
+        return values[:1] * chans
+    raise ValueError(f"transformers backbone {name!r}: its {what} has {len(values)} values {values} for a "
+                     f"{chans}-channel model (num_channels={chans}); fix preprocessor_config.json")
 
 
 def _set_labels(config, num_classes: int, names: Optional[Sequence[str]]) -> None:
@@ -148,9 +166,8 @@ def _pair(size) -> tuple:
 def _wrap(model: nn.Module, name: str, img_size: int, in_chans: int, mean, std) -> NormalizedModel:
     """Normalization, channel and resolution handling around a loaded transformers model."""
     model.float()
-    chans = getattr(model.config, "num_channels", 3)
-    if in_chans not in (1, chans):
-        raise ValueError(f"transformers backbone {name!r} takes {chans}-channel images; the data has {in_chans}")
+    chans = model_channels(model.config)
+    check_channels(f"transformers:{name}", chans, in_chans)
     size = getattr(model.config, "image_size", None)
     takes = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
     other = size is not None and _pair(size) != (img_size, img_size)
@@ -191,6 +208,8 @@ class TransformersSource(BackboneSource):
         if stem == "small":
             raise ValueError("--stem small is for timm backbones; a transformers backbone keeps its own stem")
         config = load_config(name)
+        check_channels(f"transformers:{name}", model_channels(config), in_chans)  # before any weights load
+        stats = processor_stats(name, config, (per_channel(mean, in_chans), per_channel(std, in_chans)))
         _set_labels(config, num_classes, class_names)
         with _quiet():
             if pretrained is False:
@@ -199,7 +218,7 @@ class TransformersSource(BackboneSource):
                 where = _local(name)
                 model = AutoModelForImageClassification.from_pretrained(
                     str(where or name), config=config, ignore_mismatched_sizes=True, **kwargs)
-        return _wrap(model, name, img_size, in_chans, *processor_stats(name, config))
+        return _wrap(model, name, img_size, in_chans, *stats)
 
     def rebuild(self, name: str, meta: dict, weights: dict) -> NormalizedModel:
         """From the config the checkpoint holds (the folder is not needed), else from ``name``."""
@@ -213,7 +232,7 @@ class TransformersSource(BackboneSource):
         _set_labels(config, meta["num_classes"], meta.get("class_names"))
         with _quiet():
             model = AutoModelForImageClassification.from_config(config)
-        chans = getattr(config, "num_channels", 3)
+        chans = model_channels(config)
         return _wrap(model, name, meta["img_size"], meta["in_chans"], (0.5,) * chans, (0.5,) * chans)
 
     def export(self, name: str, model: NormalizedModel, meta: dict, out: Path) -> str:
