@@ -16,7 +16,8 @@ Compressors (``names()``; formulas in METHODS.md section 3):
   little-endian int16 signed level per value).
 * ``sign_vote``: signSGD / Signum with majority vote, 1 bit per coordinate. The result is the
   vote itself, +1 / -1 per coordinate (0 where the vote is tied, possible only with an even
-  number of ranks): the optimizer's learning rate sets the step size.
+  number of ranks): the optimizer's learning rate sets the step size. An exact zero votes +1 or
+  -1 by a fair coin (1 bit cannot carry 0; its sign bit would always say +1).
 * ``ef_sign``: scaled sign with worker and server error feedback, the compressor of
   DeepSpeed's former 1-bit Adam / 1-bit LAMB.
 * ``powersgd``: PowerSGD (Vogels et al. 2019), rank-``rank`` factors P, Q of every matrix

@@ -10,9 +10,16 @@ The first exchange allocates the buffer (with the compressor's padding), copies 
 into it and rebinds each ``.grad`` to its view. DeepSpeed's ZeRO-0 ``engine.zero_grad`` sets
 every ``.grad`` to None after each step (``_take_model_step``), which would drop the views; the
 engine's ``zero_grad`` is therefore replaced, on this engine only, by a zeroing of the buffer
-that keeps the views (a parameter that had no gradient at the last exchange goes back to None,
-as before). Whenever a ``.grad`` is no longer its view (something else set it to None or
-replaced it), the next exchange copies it in and rebinds it: correct, one copy slower.
+that keeps the views. Whenever a ``.grad`` is no longer its view (something else set it to None
+or replaced it), the next exchange copies it in and rebinds it: correct, one copy slower.
+
+A parameter without a gradient (unused in the forward) keeps a zeroed slice in the exchange, so
+that the layout stays the same, but leaves it with no ``.grad``: the optimizer skips it, as it
+would without the buffer (a compressor may well turn a zero slice into something else, e.g.
+``sign_vote``'s coin votes or ``ef_sign``'s bucket scale, and weight decay or momentum would
+move a zero gradient's parameter). Like the gradient-list path, whose layout depends on it,
+this assumes that a parameter has no gradient on every rank or on none (the same model and
+forward on every rank).
 
 Only fp32 parameters on one device, with DeepSpeed's fp16/bf16 modes off, get the buffer; any
 other engine exchanges through ``compressor.all_reduce_`` on the gradient list (fp32 on the
@@ -62,12 +69,17 @@ class FlatGrads:
                 view.copy_(grad)
             p.grad = view
 
+    def drop_unused(self) -> None:
+        """After the exchange: the parameters that had no gradient get none again (not the
+        exchanged values of their zeroed slice), so the optimizer leaves them alone."""
+        for i in self.unused:
+            self.params[i].grad = None
+
     def zero_grad(self) -> None:
         """Zero the gradients, keeping the views (``engine.zero_grad``'s replacement)."""
         self.buffer.zero_()
-        for i in self.unused:
-            self.params[i].grad = None
-        for i, (p, view) in enumerate(zip(self.params, self.views)):
+        self.drop_unused()
+        for p, view in zip(self.params, self.views):
             if p.grad is not None and p.grad is not view:
                 p.grad = None
 
@@ -109,4 +121,6 @@ def exchange(engine, compressor: Compressor) -> CommStats:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         return compressor.all_reduce_(grads)
     flat.attach()
-    return compressor.all_reduce_flat_(flat.buffer, flat.numel, flat.shapes)
+    stats = compressor.all_reduce_flat_(flat.buffer, flat.numel, flat.shapes)
+    flat.drop_unused()
+    return stats

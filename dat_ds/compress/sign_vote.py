@@ -1,7 +1,18 @@
-"""``sign_vote``: signSGD / Signum with majority vote (Bernstein et al. 2018)."""
+"""``sign_vote``: signSGD / Signum with majority vote (Bernstein et al. 2018).
+
+One bit cannot carry sign(0) = 0, and the float's sign bit would send an exact zero as +1: a
+parameter whose gradient is 0 would get a +1 vote on every step and drift. A worker's exact
+zero therefore votes +1 or -1 by a fair coin (one random bit per value, drawn from the
+compressor's generator, else the device's global RNG): a vote of mean 0 like sign(0), so
+zeros push no coordinate either way on average, and where every rank sends 0 the vote stays
+unbiased. (A zero mask would keep the 0 exactly but cost a second bit per value.) Parameters
+without any gradient do not take part at all: :mod:`.flat` gives them no ``.grad`` after the
+exchange, so the optimizer leaves them alone.
+"""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -9,7 +20,28 @@ import torch
 from . import baseline, kernels
 from .base import COMPRESSORS, _Compressed
 from .bits import pack_bits, unpack_bits
-from .sign_codec import codes_decode, codes_encode, majority_vote, sign_bytes, sign_decode, sign_encode
+from .sign_codec import _encode_eager, codes_decode, codes_encode, majority_vote, sign_bytes, sign_decode, sign_encode
+from .workspace import _empty
+
+
+def tie_sign_kernel(out: torch.Tensor, x: torch.Tensor, coin: torch.Tensor) -> None:
+    """x (R, G, 8) -> out (R, G, 1) uint8: bit k of a byte is 1 where value k is negative, and
+    where value k is exactly 0 it is bit k of ``coin`` (R, G, 1) instead (+1 or -1 at random)."""
+    bits = torch.where(x == 0, kernels.unpack(coin, 1).view(x.shape), kernels.sign_bits(x))
+    out.copy_(kernels.pack(bits, 1))
+
+
+def _tie_sign_eager(out, x, coin, ws=None, sign=None):
+    """``tie_sign_kernel`` eagerly (the same bytes): the sign bits (``sign``: the encoder that
+    writes them), then the coin's bits swapped in where x is exactly 0."""
+    rows = x.shape[0]
+    (sign or _encode_eager)(out, x, ws)
+    zero = _empty(ws, "tie.zero", (rows, x[0].numel()), torch.uint8, x.device)
+    torch.eq(x.reshape(rows, -1), 0, out=zero.view(torch.bool))
+    mask = pack_bits(zero, 1, out=_empty(ws, "tie.mask", (rows, coin[0].numel()), torch.uint8, x.device), ws=ws)
+    out = out.view(rows, -1)
+    flip = torch.bitwise_xor(out, coin.view(rows, -1), out=_empty(ws, "tie.flip", out.shape, torch.uint8, x.device))
+    out.bitwise_xor_(flip.bitwise_and_(mask))
 
 
 @COMPRESSORS.register("sign_vote")
@@ -58,7 +90,21 @@ class SignVote(_Compressed):
         if self.momentum:
             m = self._buffer("momentum", x.numel(), x).view_as(x)
             x = m.mul_(self.momentum).add_(x, alpha=1 - self.momentum)
-        return self._encode(x, ws, tag)
+        return self._vote_bits(x, ws, tag)
+
+    def _vote_bits(self, x: torch.Tensor, ws, tag: str) -> torch.Tensor:
+        """This rank's vote on rows x (R, S): sign bits, an exact zero voting +1 or -1 by a coin."""
+        rows, size = x.shape
+        out = _empty(ws, tag, (rows, size // 8), torch.uint8, x.device)
+        words = _empty(ws, "tie.words", (math.ceil(rows * size / 64),), torch.int64, x.device)
+        words.random_(-2 ** 63, None, generator=self.generator)
+        coin = words.view(torch.uint8)[:rows * size // 8].view(rows, size // 8, 1)
+        if self.baseline:
+            _tie_sign_eager(out, x, coin, ws, sign=lambda o, v, w: baseline.sign_encode(v, None, out=o, ws=w))
+            return out
+        kernels.run(tie_sign_kernel, functools.partial(_tie_sign_eager, ws=ws), x.numel(),
+                    out.view(rows, size // 8, 1), x.view(rows, size // 8, 8), coin)
+        return out
 
     def _reduce(self, data: torch.Tensor, size: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Majority vote of the N payload rows: sign(N / 2 - #negative)."""
