@@ -241,6 +241,10 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="start from the backbone's published weights (timm: the hub or a local-dir: name; "
                         "transformers: the folder's or hub model's weights) or from random ones; default: "
                         "timm random, transformers pretrained")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="torch's SyncBatchNorm: BatchNorm batch statistics over every rank in each forward "
+                        "(GPUs; for small per-rank batches). Without it, each rank's running statistics are "
+                        "pooled before every evaluation and checkpoint, so all ranks hold one model")
     g = p.add_argument_group("training method")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
                    help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")

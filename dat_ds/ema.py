@@ -28,6 +28,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from . import buffers
+
 CONFIG_KEY = "ema"
 
 
@@ -77,6 +79,11 @@ class WeightEma:
         if self.buffers:
             torch._foreach_copy_(self.shadow_buffers, self.buffers)
         self.updates += 1
+
+    def sync_buffers(self) -> None:
+        """The shadow buffers (BatchNorm statistics) made identical on every rank, as the module's
+        are before an evaluation or a save (:mod:`dat_ds.buffers`); the shadow weights already are."""
+        buffers.pool(self.buffer_names, self.shadow_buffers)
 
     def unstep(self) -> None:
         """Take back the count of the last ``update`` (its gate was 0: it changed nothing)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,34 +23,20 @@ from .attacks import Attack
 from .data import ShardSampler, _batch_collate, raw_batches, to_device
 
 
-def accuracy_counts(model: nn.Module, loader: Iterable, attack: Optional[Attack],
-                    device: torch.device) -> Dict[str, float]:
-    """Correct predictions on clean and attacked inputs, summed over every rank's shard."""
-    was_training = model.training
-    model.eval()
-    clean = robust = total = 0
-    for x, y in loader:
-        x, y = to_device(x, y, device)
-        with torch.no_grad():
-            pred = model(x).argmax(1)
-        clean += (pred == y).sum()
-        if attack is not None:
-            x_adv = attack.perturb(model, x, y)
-            with torch.no_grad():
-                robust += (model(x_adv).argmax(1) == y).sum()
-        total += len(y)
-    model.train(was_training)
-    counts = dist.all_reduce_sum([float(clean), float(robust), float(total)], device)
-    return {"correct_clean": counts[0], "correct_robust": counts[1], "n": counts[2]}
+def evaluate(model: nn.Module, dataset, spec: Optional["Spec"], device: torch.device, batch_size: int = 256,
+             seed: int = 0, num_workers: int = 0) -> Dict[str, float]:
+    """``clean_acc``, ``eval_samples`` and (with ``spec``) ``robust_acc`` of ``dataset``.
 
-
-def evaluate(model: nn.Module, loader: Iterable, attack: Optional[Attack], device: torch.device) -> Dict[str, float]:
-    """``clean_acc`` and (with an attack) ``robust_acc`` over the whole sharded test set."""
-    c = accuracy_counts(model, loader, attack, device)
-    n = max(c["n"], 1)
-    out = {"clean_acc": c["correct_clean"] / n, "eval_samples": int(c["n"])}
-    if attack is not None:
-        out["robust_acc"] = c["correct_robust"] / n
+    The per-epoch check of training and the held-out check use the suite's own definition and
+    code path (:func:`sample_table`): fp32 whatever the training precision, a sample is robust
+    when it is classified correctly clean *and* under the attack, attack randomness seeded per
+    batch from ``seed``. ``recipes/evaluate.py`` on the saved model, with the same samples,
+    attack, seed and batch size, gives the same figures. Every rank must hold the same model.
+    """
+    table = sample_table(model, dataset, [spec] if spec is not None else [], device, batch_size, seed, num_workers)
+    out = {"clean_acc": table.acc("clean"), "eval_samples": len(table.labels)}
+    if spec is not None:
+        out["robust_acc"] = table.acc(spec.name)
     return out
 
 
@@ -108,17 +94,36 @@ class PGDSpec:
     def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor,
                 seed: Tuple[int, int]) -> torch.Tensor:
         """``alive`` (clean-correct samples) narrowed to those still correct after every restart."""
-        attack, alive = self.attack(), alive.clone()
-        for restart in range(self.restarts if self.eps > 0 else 0):
-            idx = alive.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                torch.manual_seed(_seed(*seed, restart))
-                x_adv = attack.perturb(model, x[idx], y[idx])
-            with torch.no_grad():
-                alive[idx] = model(x_adv).argmax(1) == y[idx]
-        return alive
+        return survivors(self.attack(), self.restarts if self.eps > 0 else 0, model, x, y, alive, seed)
+
+
+def survivors(attack: Attack, restarts: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              alive: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
+    """``alive`` narrowed to the samples ``attack`` fails on in every one of ``restarts`` tries; the
+    randomness of try ``i`` is seeded from ``seed`` (run seed, the batch's first index) and ``i``."""
+    alive = alive.clone()
+    for restart in range(restarts):
+        idx = alive.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(_seed(*seed, restart))
+            x_adv = attack.perturb(model, x[idx], y[idx])
+        with torch.no_grad():
+            alive[idx] = model(x_adv).argmax(1) == y[idx]
+    return alive
+
+
+@dataclass(frozen=True, eq=False)
+class AttackSpec:
+    """Any attack as an evaluation column (e.g. the held-out FGSM check): one try, seeded per batch."""
+    attack: Attack
+    name: str
+
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor,
+                seed: Tuple[int, int]) -> torch.Tensor:
+        return survivors(self.attack, 1, model, x, y, alive, seed)
+
 
 
 # AutoAttack's attack sets (pyautoattack's ``_set_version``) and the fewest classes each attack takes:
@@ -206,7 +211,7 @@ class AutoAttackSpec:
         return out
 
 
-Spec = Union[PGDSpec, AutoAttackSpec]
+Spec = Union[PGDSpec, AttackSpec, AutoAttackSpec]
 
 
 class BlockSampler(Sampler[List[int]]):
@@ -245,10 +250,9 @@ class SampleTable:
 
 
 def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if dist.world_size() == 1:
-        return t
-    t = t.to(device)
-    tdist.all_reduce(t)
+    if dist.world_size() > 1:
+        t = t.to(device)
+        tdist.all_reduce(t)
     return t.cpu()
 
 
@@ -264,7 +268,8 @@ def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch
     sampler = BlockSampler(len(dataset), batch_size, dist.rank(), dist.world_size())
     loader = DataLoader(raw_batches(dataset), batch_sampler=sampler, collate_fn=_batch_collate, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available())
-    table = torch.zeros(len(dataset), 2 + len(specs), dtype=torch.int64)  # label, clean, one column per spec
+    # label, clean, one column per spec; filled on the device and read once at the end
+    table = torch.zeros(len(dataset), 2 + len(specs), dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
     bar = _bar(len(sampler), progress)

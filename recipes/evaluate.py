@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
     g.add_argument("--classes", default=None, metavar="IDS",
                    help="class subset, e.g. 0-4 (default: the checkpoint's --classes when --dataset is its dataset)")
-    g.add_argument("--batch-size", type=int, default=256,
-                   help="samples per batch; batches are dealt to ranks in turn (256)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch; batches are dealt to ranks in turn (default: the run's --eval-batch-size, "
+                        "so the PGD column at its --eval-steps reproduces the run's reported RA; 256 without one)")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank (0)")
     g = p.add_argument_group("threat model and attacks")
     g.add_argument("--norm", default=None, choices=NORMS, help="threat model (default: the training attack's norm)")
@@ -65,13 +66,24 @@ def parser() -> argparse.ArgumentParser:
                    help="AutoAttack (pyautoattack) at --eps (default: on)")
     g.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"),
                    help="AutoAttack's attack set (standard: APGD-CE, APGD-T, FAB-T, Square)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts (per batch, not per rank; 0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seeds the attacks' random starts, per batch, not per rank (default: the run's --seed, as its "
+                        "per-epoch check used; 0 without one)")
     g = p.add_argument_group("logging")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="dat-ds", help="W&B project (dat-ds)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     return p
+
+
+def run_defaults(args, meta: dict) -> None:
+    """``--seed`` and ``--batch-size`` not given: the ones the training run evaluated with."""
+    recorded = meta.get("eval", {})
+    if args.seed is None:
+        args.seed = recorded.get("seed", 0)
+    if args.batch_size is None:
+        args.batch_size = recorded.get("batch_size", 256)
 
 
 def make_specs(args, meta: dict) -> dict:
@@ -167,6 +179,7 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     model_file = find_checkpoint(args.checkpoint)
     model, meta = load_model(model_file, args.backbone, args.stem, args.weights)
+    run_defaults(args, meta)
     specs = make_specs(args, meta)
     same = args.dataset in (None, meta["dataset"])
     data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,

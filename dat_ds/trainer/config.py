@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import attacks, compress, objectives
+from ..evaluate import PGDSpec
 from ..models import check_backbone
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     stem: str = "auto"
     pretrained: Optional[bool] = None  # None: the backbone source's default (timm random, transformers pretrained)
+    sync_bn: bool = False  # torch's SyncBatchNorm (GPUs): batch statistics over every rank in each forward
     # training method: attack (inner maximization) and objective (outer loss)
     attack: str = "pgd"
     eps: float = 0.1
@@ -155,6 +157,12 @@ class TrainConfig:
     def make_eval_attack(self, steps: Optional[int] = None) -> attacks.Attack:
         """PGD at the training eps, in the training attack's norm: what ``robust_acc`` means in every summary."""
         return attacks.reference_attack(attacks.ATTACKS.get(self.attack).norm, self.eps, steps or self.eval_steps)
+
+    def eval_spec(self, steps: Optional[int] = None):
+        """The per-epoch robust-accuracy check as an evaluation column of the suite
+        (``recipes/evaluate.py --pgd-steps K`` computes the same column)."""
+        attack = self.make_eval_attack(steps)
+        return PGDSpec(self.eps, attack.steps, attack.alpha, norm=attacks.ATTACKS.get(self.attack).norm)
 
     def default_holdout(self, train_size: int) -> int:
         """Held-out samples: as asked, else ``min(1000, 10 %)`` for single-step attacks (catastrophic

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from .. import attacks, dist
-from ..evaluate import evaluate
+from ..evaluate import AttackSpec, evaluate
 
 
 class OverfitWatch:
@@ -33,13 +33,15 @@ class OverfitWatch:
                 setattr(self, key, state[key])
 
 
-def holdout_check(engine, loader, pgd: attacks.Attack, eps: float, watch: OverfitWatch, epoch: int,
-                  early_stop: bool) -> dict:
-    """PGD and FGSM accuracy on the held-out samples, and what the watch makes of them."""
-    if loader is None:
+def holdout_check(model, dataset, pgd: AttackSpec, eps: float, watch: OverfitWatch, epoch: int,
+                  early_stop: bool, batch_size: int, seed: int, device) -> dict:
+    """PGD and FGSM accuracy on the held-out samples (the evaluation's definition: fp32, correct
+    clean and attacked), and what the watch makes of them."""
+    if dataset is None:
         return {}
-    pgd_out = evaluate(engine.module, loader, pgd, engine.device)
-    fgsm = evaluate(engine.module, loader, attacks.create("fgsm_rs", eps=eps), engine.device)
+    pgd_out = evaluate(model, dataset, pgd, device, batch_size, seed)
+    fgsm = evaluate(model, dataset, AttackSpec(attacks.create("fgsm_rs", eps=eps), "fgsm_rs"), device, batch_size,
+                    seed)
     out = {"holdout_pgd_acc": pgd_out["robust_acc"], "holdout_fgsm_acc": fgsm["robust_acc"],
            "holdout_clean_acc": pgd_out["clean_acc"]}
     out.update(watch.observe(epoch, out["holdout_pgd_acc"], out["holdout_fgsm_acc"]))

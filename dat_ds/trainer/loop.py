@@ -146,19 +146,22 @@ def step_context(engine, timers: Timers, carry: Optional[dict] = None) -> StepCo
 def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Compressor, timers: Timers,
                 objective: Optional[objectives.Objective] = None, progress=None,
                 guard: Optional[StepGuard] = None, state: Optional[EpochState] = None,
-                totals: Optional[Totals] = None, at_boundary: Optional[Callable] = None, ema=None) -> dict:
+                totals: Optional[Totals] = None, at_boundary: Optional[Callable] = None, ema=None,
+                batches: Optional[int] = None) -> dict:
     """One pass over this rank's shard; returns the mean loss, bytes sent, the step count and
     ``"stopped": True`` when ``at_boundary`` ended it early.
 
     ``at_boundary(state, totals)`` runs after every optimizer step that completes a minibatch (all
     replays of Free-m, a full gradient accumulation) and returns True to stop; ``state`` and
     ``totals`` resume an epoch part-way (the loader must then start at ``state.drawn``).
+    ``batches`` caps the minibatches of the pass (:mod:`dat_ds.trainer.plan`: a pass ends on an
+    optimizer step); None trains the whole loader.
     """
     state = state or EpochState()
     totals = totals or Totals(engine.device)
     objective = objective or objectives.Madry()
     ctx = step_context(engine, timers, state.carry)
-    batches = _counted(_to_device(loader, engine.device), state)
+    batches = _counted(_to_device(loader, engine.device), state, batches)
     if guard is not None:
         guard.prepare(compressor, attack.shape, ema)
     for x, y, micro_steps in attack.shape.minibatches(ctx, batches, attack):
@@ -194,7 +197,11 @@ def _to_device(loader, device) -> Iterator:
         yield to_device(x, y, device)
 
 
-def _counted(batches: Iterator, state: EpochState) -> Iterator:
-    for batch in batches:
+def _counted(batches: Iterator, state: EpochState, limit: Optional[int]) -> Iterator:
+    """``batches`` up to ``limit`` drawn in the pass (a resumed pass has drawn some already)."""
+    while limit is None or state.drawn < limit:
+        batch = next(batches, None)
+        if batch is None:
+            return
         state.drawn += 1
         yield batch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import signal
 import time
@@ -14,10 +13,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .. import attacks, dist, ema, faults
-from ..checkpoint import BEST, SaveRetries
-from ..data import DatasetInfo, bad_samples, eval_loader, load_dataset, start_epoch, train_loader
-from ..engine import autocast, initialize, load_config, resolve_batch, restore_best
+from .. import attacks, buffers, dist, ema, faults
+from ..checkpoint import BEST, LATEST, SaveRetries
+from ..data import DatasetInfo, bad_samples, load_dataset, start_epoch, train_loader
+from ..engine import initialize, load_config, resolve_batch, restore_best
 from ..evaluate import evaluate
 from ..guard import StepGuard, StopRequested, StopSignal
 from ..metrics import RunLogger
@@ -27,6 +26,7 @@ from . import state as ckpt
 from .config import TrainConfig
 from .holdout import OverfitWatch, holdout_check
 from .loop import EpochState, Totals, train_epoch
+from .plan import PassPlan, plan_passes
 
 
 def seed_everything(seed: int) -> None:
@@ -43,13 +43,13 @@ class Run:
     data: DatasetInfo
     engine: object
     attack: object
-    eval_attack: object
+    eval_spec: object  # the per-epoch robust-accuracy column (a PGDSpec of dat_ds.evaluate)
     objective: object
     compressor: object
     loader: object
-    test_loader: object
-    holdout_loader: object
-    passes: int
+    test_set: object
+    holdout_set: object
+    plan: PassPlan
     updates_per_minibatch: int
     micro: int
     gas: int
@@ -66,6 +66,10 @@ class Run:
     last_save: int = 0
     bad_seen: int = 0  # unreadable samples this rank had met when the last epoch ended
     ema: Optional[ema.WeightEma] = None  # the ds_config's "ema": evaluation uses its weights
+
+    @property
+    def passes(self) -> int:
+        return self.plan.passes
 
 
 def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, loader_fn: Optional[Callable] = None,
@@ -99,7 +103,7 @@ def _train(run: Run, cfg: TrainConfig) -> dict:
     with run.stop:
         for epoch in range(begin.epoch, run.passes):
             state = begin if epoch == begin.epoch else EpochState(epoch)
-            hold = run_epoch(run, state, partial if epoch == begin.epoch else None)
+            hold = run_epoch(run, state, partial if epoch == begin.epoch else None)  # evaluates the model saved next
             run.saves(faults.run_agreed, lambda: logger.log_epoch(run.progress.row))
             _report(run.progress.row)
             run.saves(ckpt.save, run.engine, run.ckpt_dir, EpochState(epoch + 1), run.progress, run.meta,
@@ -137,29 +141,32 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
                          stem=cfg.stem, pretrained=cfg.pretrained)
     if model_fn is not None:
         model = model_fn(model)
+    if cfg.sync_bn:
+        model = buffers.sync_batchnorm(model)
     loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
     attack = cfg.make_attack()
     replays = attack.shape.updates_per_minibatch(attack)
-    passes = math.ceil(cfg.epochs / replays)  # Free-m: epochs / m passes, the same number of updates
-    engine = initialize(model, ds_cfg, max(1, len(loader) * replays // gas), passes)
+    plan = plan_passes(len(loader), cfg.epochs, replays, gas)
+    # the schedule counts natural epochs of optimizer steps, whatever the shape makes of them
+    engine = initialize(model, ds_cfg, plan.updates_per_epoch, plan.schedule_epochs)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
     stop = StopSignal()
     out = Path(cfg.output_dir)
     guard = StepGuard(engine, cfg.max_nonfinite, stop, defer=cfg.defer_guard)
     # in the order they were always made (a component may draw from the RNG when it is made)
-    eval_attack, objective, compressor = cfg.make_eval_attack(), cfg.make_objective(), cfg.make_compressor()
+    eval_spec, objective, compressor = cfg.eval_spec(), cfg.make_objective(), cfg.make_compressor()
     weight_ema = ema.from_config(ds_cfg, engine.module)
     if cfg.defer_guard == "on":
         reason = guard.why_not_deferred(compressor, attack.shape)
         if reason:
             raise ValueError(f"--defer-guard on: {reason}; use --defer-guard auto or off")
-    return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_attack=eval_attack,
-               objective=objective, compressor=compressor, loader=loader,
-               test_loader=eval_loader(data.test, cfg.eval_batch_size, rank, world, cfg.num_workers),
-               holdout_loader=eval_loader(holdout_set, cfg.eval_batch_size, rank, world) if holdout_set else None,
-               passes=passes, updates_per_minibatch=replays, micro=micro, gas=gas, global_batch=global_batch,
+    return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_spec=eval_spec,
+               objective=objective, compressor=compressor, loader=loader, test_set=data.test,
+               holdout_set=holdout_set or None, plan=plan, updates_per_minibatch=replays, micro=micro, gas=gas,
+               global_batch=global_batch,
                meta={"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
-                     **data.meta()},
+                     "eval": {"seed": cfg.seed, "batch_size": cfg.eval_batch_size, "steps": cfg.eval_steps,
+                              "limit": cfg.eval_limit}, **data.meta()},
                out=out, ckpt_dir=out / "checkpoints", guard=guard, stop=stop,
                progress=ckpt.Progress(ckpt.RunTotals(), OverfitWatch(cfg.co_drop)), timers=Timers(engine.device),
                saves=SaveRetries(cfg.save_retries), watchdog=faults.Watchdog(cfg.comm_timeout),
@@ -179,10 +186,11 @@ def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch])
     else:
         run.progress.skipped_at_start = engine.skipped_steps
     t0 = time.perf_counter()
-    bar = _progress_bar(len(run.loader) * run.updates_per_minibatch, state.epoch)
+    batches = run.plan.batches[state.epoch]
+    bar = _progress_bar(batches * run.updates_per_minibatch, state.epoch)
     with run.watchdog.watching():
         stats = train_epoch(engine, run.loader, run.attack, run.compressor, run.timers, run.objective, bar,
-                            run.guard, state, totals, lambda s, t: _at_boundary(run, s, t), run.ema)
+                            run.guard, state, totals, lambda s, t: _at_boundary(run, s, t), run.ema, batches)
     if bar is not None:
         bar.close()
     if stats.get("stopped"):
@@ -198,6 +206,7 @@ def _at_boundary(run: Run, state: EpochState, totals: Totals) -> bool:
     due = cfg.save_every and engine.global_steps - run.last_save >= cfg.save_every
     if due or run.guard.stop_requested:
         run.guard.settle()  # a deferred agreement's counts and LR go into the checkpoint settled
+        make_one_model(run)
         rank = ckpt.capture(engine, run.attack, run.compressor, state, totals, run.timers, run.progress, run.ema)
         with run.watchdog.paused():
             run.saves(ckpt.save, engine, run.ckpt_dir, state, run.progress, run.meta, rank, run.guard)
@@ -209,14 +218,15 @@ def end_epoch(run: Run, stats: dict, epoch: int, t0: float) -> dict:
     """Evaluation, held-out check and the epoch's row (``run.progress.row``); returns the held-out check."""
     engine, cfg, progress = run.engine, run.cfg, run.progress
     phase = run.timers.reset()
-    seen = bad_samples(*(loader.dataset for loader in (run.loader, run.test_loader, run.holdout_loader) if loader))
+    seen = bad_samples(*(ds for ds in (run.loader.dataset, run.test_set, run.holdout_set) if ds is not None))
     comm, compute, bad = dist.all_reduce_sum(
         [phase.get("comm", 0.0), sum(v for k, v in phase.items() if k != "comm"), seen - run.bad_seen])
     comm_s, compute_s, run.bad_seen = comm / dist.world_size(), compute / dist.world_size(), seen
-    with autocast(engine), ema_weights(run):
-        ev = evaluate(engine.module, run.test_loader, run.eval_attack, engine.device)
-        hold = holdout_check(engine, run.holdout_loader, cfg.make_eval_attack(), cfg.eps, progress.watch, epoch,
-                             cfg.early_stop)
+    make_one_model(run)
+    with ema_weights(run):
+        ev = evaluate_test(run)
+        hold = holdout_check(engine.module, run.holdout_set, cfg.eval_spec(), cfg.eps, progress.watch, epoch,
+                             cfg.early_stop, cfg.eval_batch_size, cfg.seed, engine.device)
     totals = progress.totals
     progress.totals = ckpt.RunTotals(totals.compute_s + compute_s, totals.comm_s + comm_s,
                                      totals.bytes_sent_per_rank + stats["bytes_sent"])
@@ -233,25 +243,72 @@ def summarize(run: Run, stopped_early: bool) -> dict:
     """The run's summary; with a held-out check, the numbers of its best epoch (Rice et al.)."""
     engine, cfg, progress = run.engine, run.cfg, run.progress
     row = progress.row
-    if run.holdout_loader is not None and progress.watch.best_epoch is not None:
+    checkpoint = run.ckpt_dir / (run.ckpt_dir / LATEST).read_text().strip()
+    if run.holdout_set is not None and progress.watch.best_epoch is not None:
         restore_best(engine, run.ckpt_dir)
         if run.ema is not None:  # the best epoch's EMA weights, from this rank's file of that checkpoint
             run.ema.load_state_dict(torch.load(run.ckpt_dir / BEST / f"rank{dist.rank()}.pt",
                                                weights_only=True)["ema"])
-        with autocast(engine), ema_weights(run):
-            row = {**row, **evaluate(engine.module, run.test_loader, run.eval_attack, engine.device)}
-    return {"clean_acc": row["clean_acc"], "robust_acc": row["robust_acc"], "epochs": cfg.epochs,
-            "passes": run.passes, "world_size": dist.world_size(), "global_batch_size": run.global_batch,
+        with ema_weights(run):
+            row = {**row, **evaluate_test(run)}
+        checkpoint = run.ckpt_dir / BEST
+    return {"clean_acc": row["clean_acc"], "robust_acc": row["robust_acc"], "checkpoint": str(checkpoint),
+            "weights": "raw" if run.ema is None else "ema", **eval_settings(cfg),
+            "epochs": cfg.epochs, "passes": run.passes, "updates": run.plan.updates,
+            "world_size": dist.world_size(), "global_batch_size": run.global_batch,
             "micro_batch_size": run.micro, "gradient_accumulation_steps": run.gas,
             **dataclasses.asdict(progress.totals), "backbone": cfg.backbone, "attack": cfg.attack,
             "attack_settings": repr(run.attack), "loss": cfg.loss, "eps": cfg.eps,
-            "eval_attack": f"{attacks.name_of(run.eval_attack)}-{cfg.eval_steps}",
+            "eval_attack": f"{attacks.name_of(cfg.make_eval_attack())}-{cfg.eval_steps}",
             "eval_samples": row["eval_samples"], "dataset": run.data.name, "compressor": cfg.compressor,
             "deepspeed_config": cfg.deepspeed_config,
             "optimizer": run.ds_cfg.get("optimizer", {}).get("type", "Lamb"),
             "best_epoch": progress.watch.best_epoch, "stopped_early": stopped_early, "output_dir": str(run.out),
             "skipped_steps": engine.skipped_steps, "global_step": engine.global_steps,
             "ema": None if run.ema is None else {"decay": run.ema.decay, "warmup": run.ema.warmup}}
+
+
+def eval_settings(cfg: TrainConfig) -> dict:
+    """How the reported TA/RA were measured: ``recipes/evaluate.py --pgd-steps K --seed S
+    --batch-size B --eval-limit N`` on the saved checkpoint gives the same figures."""
+    return {"eval_steps": cfg.eval_steps, "eval_seed": cfg.seed, "eval_batch_size": cfg.eval_batch_size,
+            "eval_limit": cfg.eval_limit}
+
+
+def make_one_model(run: Run) -> None:
+    """Every rank's BatchNorm statistics (and the EMA's) pooled into one set: what is evaluated,
+    saved and reported is one model, the same on every rank (:mod:`dat_ds.buffers`)."""
+    buffers.sync_module(run.engine.module)
+    if run.ema is not None:
+        run.ema.sync_buffers()
+
+
+def evaluate_test(run: Run) -> dict:
+    """TA and RA of the model in ``engine.module`` on the test set, measured as the suite does."""
+    cfg = run.cfg
+    return evaluate(fp32(run.engine.module), run.test_set, run.eval_spec, run.engine.device, cfg.eval_batch_size,
+                    cfg.seed, cfg.num_workers)
+
+
+class _Fp32(torch.nn.Module):
+    """A view of a module whose weights are bf16 (DeepSpeed's ``"bf16"`` mode) that runs in fp32,
+    as the saved weights do when ``recipes/evaluate.py`` loads them into an fp32 model."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.state = {n: t.detach().float() if t.is_floating_point() else t
+                      for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+    def forward(self, x):
+        return torch.func.functional_call(self.module, self.state, (x,))
+
+
+def fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself when its weights are fp32 (autocast keeps them so), else an fp32 view."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return _Fp32(module)
 
 
 def ema_weights(run: Run):
