@@ -30,6 +30,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # What the inner maximization ascends, by name: objectives name theirs (``Objective.attack_loss``).
 # A loss factory gets (model, x) and returns ``loss_fn(logits, y)``.
 ATTACK_LOSSES: Dict[str, Callable[[nn.Module, torch.Tensor], LossFn]] = {}
+# Where an attack without a random start begins, by loss: x + std * N(0, 1) with the std given
+# here, else x itself. A loss that is flat at x (TRADES' KL to the clean prediction: gradient 0,
+# sign 0) would never leave it.
+START_STD: Dict[str, float] = {}
 
 
 def sum_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,6 +111,11 @@ class Attack(abc.ABC):
     def loss_fn(self, model: nn.Module, x: torch.Tensor) -> LossFn:
         """The objective the attack ascends: cross-entropy, or e.g. KL to the clean prediction."""
         return ATTACK_LOSSES[self.loss](model, x)
+
+    @property
+    def start_std(self) -> float:
+        """The spread of the start without a random start: ``START_STD`` of its loss, 0 (x itself) else."""
+        return START_STD.get(self.loss, 0.0)
 
     @abc.abstractmethod
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

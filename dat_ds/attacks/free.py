@@ -32,12 +32,15 @@ class Free(Attack):
         self._delta: Optional[torch.Tensor] = None
 
     def _perturb(self, model, x, y):
-        return pgd_linf(model, x, y, self.eps, self.alpha, self.steps, False, self.loss_fn(model, x))
+        return pgd_linf(model, x, y, self.eps, self.alpha, self.steps, False, self.loss_fn(model, x), self.start_std)
 
     def adversarial_input(self, x: torch.Tensor) -> torch.Tensor:
         """``clip_[0,1](x + d)`` as a leaf that collects the input gradient of the next backward."""
         if self._delta is None or self._delta.shape[1:] != x.shape[1:] or len(self._delta) < len(x):
             self._delta = torch.zeros_like(x)
+            if self.start_std:   # a loss flat at x (TRADES' KL) would never move a zero perturbation
+                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                self._delta.add_(noise, alpha=self.start_std).clamp_(-self.eps, self.eps)
         delta = self._delta[:len(x)]
         return (x + delta).clamp_(0, 1).requires_grad_(True)
 

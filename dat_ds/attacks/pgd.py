@@ -10,15 +10,18 @@ from .base import ATTACKS, Attack, LossFn, box, check, sum_ce
 
 
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-             random_start: bool = True, loss_fn: LossFn = sum_ce) -> torch.Tensor:
+             random_start: bool = True, loss_fn: LossFn = sum_ce, start_std: float = 0.0) -> torch.Tensor:
     """PGD-k under Linf: ``d <- clip(d + alpha * sign(grad_d L(x + d)))``.
 
     Returns ``x + d`` with ``|d|_inf <= eps`` and ``x + d`` in [0, 1]. With ``steps=1`` and
-    ``alpha=1.25 eps`` this is FGSM-RS (Wong et al. 2020).
+    ``alpha=1.25 eps`` this is FGSM-RS (Wong et al. 2020). Without a random start ``d`` starts
+    at 0, or at ``start_std * N(0, 1)`` (a loss flat at x, see ``START_STD``).
     """
     x = x.detach()
     lo, hi = box(x.clone(), eps)
     delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    if not random_start and start_std:
+        delta = torch.randn(x.shape, dtype=x.dtype, device=x.device).mul_(start_std)
     delta = torch.max(torch.min(delta, hi), lo)
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -39,13 +42,16 @@ def project_l2(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-           random_start: bool = True, loss_fn: LossFn = sum_ce) -> torch.Tensor:
-    """PGD-k under L2: ``d <- proj(d + alpha * g / ||g||_2)`` per sample; random start in the ball."""
+           random_start: bool = True, loss_fn: LossFn = sum_ce, start_std: float = 0.0) -> torch.Tensor:
+    """PGD-k under L2: ``d <- proj(d + alpha * g / ||g||_2)`` per sample; random start in the ball
+    (without one: 0, or ``start_std * N(0, 1)`` projected into the ball)."""
     x = x.detach()
     if random_start:
         delta = torch.randn_like(x)
         radius = torch.rand(len(x), *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype) * eps
         delta = project_l2(delta / per_sample_norm(delta) * radius, x, eps)
+    elif start_std:
+        delta = project_l2(torch.randn(x.shape, dtype=x.dtype, device=x.device).mul_(start_std), x, eps)
     else:
         delta = torch.zeros_like(x)
     for _ in range(steps):
@@ -60,7 +66,8 @@ class PGD(Attack):
     """PGD-k, Linf, random start (Madry et al. 2017).
 
     Settings: ``eps`` (radius in [0, 1] pixels), ``alpha`` (step, default ``2.5 eps / steps``),
-    ``steps`` (k, 10), ``random_start``, ``bn_mode`` (BatchNorm mode while attacking).
+    ``steps`` (k, 10), ``random_start`` (without it: from x, or from x + 0.001 N(0, 1) when
+    ascending TRADES' KL), ``bn_mode`` (BatchNorm mode while attacking).
     """
 
     reference_for_norm = True
@@ -75,7 +82,8 @@ class PGD(Attack):
         self.random_start = bool(random_start)
 
     def _perturb(self, model, x, y):
-        return pgd_linf(model, x, y, self.eps, self.alpha, self.steps, self.random_start, self.loss_fn(model, x))
+        return pgd_linf(model, x, y, self.eps, self.alpha, self.steps, self.random_start, self.loss_fn(model, x),
+                        self.start_std)
 
 
 @ATTACKS.register("pgd_l2")
@@ -85,4 +93,5 @@ class PGDL2(PGD):
     norm = "l2"
 
     def _perturb(self, model, x, y):
-        return pgd_l2(model, x, y, self.eps, self.alpha, self.steps, self.random_start, self.loss_fn(model, x))
+        return pgd_l2(model, x, y, self.eps, self.alpha, self.steps, self.random_start, self.loss_fn(model, x),
+                      self.start_std)

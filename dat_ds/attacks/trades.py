@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ATTACK_LOSSES, LossFn
+from .base import ATTACK_LOSSES, START_STD, LossFn
 from .objective import OBJECTIVES, Objective
 
 
@@ -20,6 +20,9 @@ def _kl_loss(model, x) -> LossFn:
 
 
 ATTACK_LOSSES["kl"] = _kl_loss
+# The KL is 0 and flat at x itself (its gradient is 0, its sign too): an attack without a random
+# start would return x. TRADES' reference code starts at x + 0.001 N(0, 1); so do attacks here.
+START_STD["kl"] = 0.001
 
 
 def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
