@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from . import dist, ema
+from . import config_keys, dist, ema
 # Checkpoints live in dat_ds.checkpoint; these names stay importable from here.
 from .checkpoint import (BEST, COMPLETE, LATEST, MODEL_KEYS, _safe_checkpoint_engine,  # noqa: F401
                          complete_checkpoints, latest_tag, load_checkpoint, load_error_reason, pick_checkpoint,
@@ -23,6 +23,7 @@ from .checkpoint import (BEST, COMPLETE, LATEST, MODEL_KEYS, _safe_checkpoint_en
 from .compress import CommStats, Compressor
 from .errors import ConfigError  # noqa: F401  (defined below both the engine and the checkpoints)
 from .optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
+from .suggest import did_you_mean
 
 
 def load_config(path: str) -> dict:
@@ -39,11 +40,17 @@ def load_config(path: str) -> dict:
 
 
 def check_config(cfg: dict, where: str = "ds_config") -> None:
+    """Every key of ``cfg`` is one DeepSpeed or dat-ds reads (a typo would otherwise be ignored), and
+    every value dat-ds relies on is usable; the first problem raises :class:`ConfigError` naming it."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: expected a JSON object {{...}}, got {type(cfg).__name__}")
     for key in ("zero_optimization", "fp16", "bf16"):
         if not isinstance(cfg.get(key, {}), dict):
             raise ConfigError(f"{where}: {key} must be a JSON object, got {cfg[key]!r}")
+    try:
+        config_keys.check_keys(cfg, where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage != 0:
         raise ConfigError(f"{where}: zero_optimization.stage={stage} is not supported; dat-ds reduces gradients "
@@ -98,6 +105,10 @@ def _check_spec(cfg: dict, key: str, registry, where: str, default, filled_in: t
         return
     if not isinstance(spec, dict) or not isinstance(spec.get("params", {}), dict):
         raise ConfigError(f'{where}: {key} must be {{"type": ..., "params": {{...}}}}, got {spec!r}')
+    extra = [k for k in spec if k not in ("type", "params")]
+    if extra:
+        raise ConfigError(f'{where}: {key} has no key {extra[0]!r}{did_you_mean(extra[0], ("type", "params"))}; '
+                          f'it takes "type" and "params"')
     name = spec.get("type", default["type"] if default else "WarmupPiecewise")
     if name not in registry:
         raise ConfigError(f"{where}: unknown {key} {name!r}; choose one of: {', '.join(registry.names())}")
@@ -105,8 +116,9 @@ def _check_spec(cfg: dict, key: str, registry, where: str, default, filled_in: t
     takes = inspect.signature(registry.get(name)).parameters
     unknown = sorted(set(params) - set(takes) - set(filled_in))
     if unknown:
-        raise ConfigError(f"{where}: {key} {name!r} has no setting {unknown[0]!r}; it takes: "
-                          f"{', '.join(p for p in takes if p not in filled_in)}")
+        settings = [p for p in takes if p not in filled_in]
+        raise ConfigError(f"{where}: {key} {name!r} has no setting {unknown[0]!r}{did_you_mean(unknown[0], settings)}; "
+                          f"it takes: {', '.join(settings)}")
     for field_, low, strict in (("lr", 0, True), ("weight_decay", 0, False), ("momentum", 0, False),
                                 ("warmup_epochs", 0, False), ("gamma", 0, True)):
         if field_ in params:
