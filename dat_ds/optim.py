@@ -7,6 +7,7 @@ schedule. The same code runs on CPU and GPU.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -109,8 +110,24 @@ class Lamb(Optimizer):
         torch._foreach_add_(params, update, alpha=-group["lr"])
 
 
+def declared_no_decay(model: torch.nn.Module) -> List[str]:
+    """Name patterns (``fnmatch``, full parameter names of ``model``) of the parameters the model
+    declares exempt from weight decay: every submodule's ``no_weight_decay()`` (timm's convention,
+    e.g. a ViT's ``pos_embed`` and ``cls_token``), prefixed with the submodule's path, so a
+    backbone inside dat-ds's normalizing wrapper is heard. transformers models declare nothing
+    of the kind (its Trainer exempts biases and norm weights by name: the 1-D rule here)."""
+    patterns = []
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            patterns += [f"{prefix}.{name}" if prefix else name for name in declare()]
+    return patterns
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_1d: bool = True) -> list:
-    """Weight decay on weight matrices/kernels only; biases and norm scales are left alone.
+    """Weight decay on weight matrices/kernels only; biases, norm scales and what the model
+    declares (:func:`declared_no_decay`: position embeddings, class tokens) are left alone.
+    ``no_decay_1d=False`` decays every parameter.
 
     A model may carry ``lr_rules``: ``[(prefix, {"lr_mult": m, "frozen_epochs": e}), ...]``. A
     parameter whose name starts with ``prefix`` (first matching rule) lands in a group with those
@@ -118,12 +135,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_1d: bool 
     ``frozen_epochs`` epochs (see :func:`set_lr_rules`).
     """
     rules = getattr(model, "lr_rules", None) or []
+    exempt = declared_no_decay(model)
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         rule = next((r for prefix, r in rules if name.startswith(prefix)), {})
-        decay = not (no_decay_1d and p.ndim <= 1)
+        decay = not (no_decay_1d and (p.ndim <= 1 or any(fnmatch.fnmatchcase(name, e) for e in exempt)))
         key = (decay, float(rule.get("lr_mult", 1.0)), float(rule.get("frozen_epochs", 0.0)))
         groups.setdefault(key, []).append(p)
     out = []

@@ -155,3 +155,20 @@ def test_scheduler_state_loads_weights_only():
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert again.last_epoch == 3 and again.get_last_lr() == sched.get_last_lr()
     assert again.lr_plan == sched.lr_plan
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay():
+    """timm's ViT declares pos_embed and cls_token exempt (``no_weight_decay()``); they are not 1-D,
+    and the backbone sits inside the normalizing wrapper, so only its declaration finds them."""
+    from dat_ds.models import create_model
+    model = create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, pretrained=False)
+    opt = create_optimizer({"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.1}}, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= no_decay
+    assert model.backbone.pos_embed.ndim == model.backbone.cls_token.ndim == 3
+    assert "backbone.patch_embed.proj.weight" in decay and "backbone.blocks.0.attn.qkv.weight" in decay
+    assert all(model.get_parameter(n).ndim <= 1 for n in no_decay - {"backbone.pos_embed", "backbone.cls_token"})
+    everything = create_optimizer({"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.1, "no_decay_1d": False}},
+                                  model)
+    assert len(everything.param_groups) == 1 and everything.param_groups[0]["weight_decay"] == 0.1
