@@ -245,6 +245,13 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="torch's SyncBatchNorm: BatchNorm batch statistics over every rank in each forward "
                         "(GPUs; for small per-rank batches). Without it, each rank's running statistics are "
                         "pooled before every evaluation and checkpoint, so all ranks hold one model")
+    g = p.add_argument_group("speed (dat_ds.speed)")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="weights, batches, perturbations and input gradients in the channels-last memory format "
+                        "(auto: on for convolutional backbones on a GPU, off on the CPU and for transformers)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the backbone once for training, attacks and evaluation (auto: on on a GPU; "
+                        "a backbone that fails to compile runs eager, with one line saying so)")
     g = p.add_argument_group("training method")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
                    help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")

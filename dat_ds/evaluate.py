@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import attacks, dist
 from .attacks import Attack
 from .data import ShardSampler, _batch_collate, raw_batches, to_device
+from .speed import input_format
 
 
 def evaluate(model: nn.Module, dataset, spec: Optional["Spec"], device: torch.device, batch_size: int = 256,
@@ -274,7 +275,7 @@ def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch
     model.eval()
     bar = _bar(len(sampler), progress)
     for (start, stop), (x, y) in zip(sampler.ranges(), loader):
-        x, y = to_device(x, y, device)
+        x, y = to_device(x, y, device, input_format(model))  # channels-last for a model laid out so
         with torch.no_grad():
             clean = model(x).argmax(1) == y
         cols = [y, clean, *(spec.correct(model, x, y, clean, (seed, start)) for spec in specs)]

@@ -71,6 +71,15 @@ def box(x: torch.Tensor, eps: float):
     return (-x).clamp_(min=-eps), (1 - x).clamp_(max=eps)
 
 
+def noise_like(x: torch.Tensor, draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Random values shaped like ``x``, drawn in its logical order (``draw`` fills a contiguous
+    tensor in place, e.g. ``lambda t: t.uniform_(-eps, eps)``) and laid out like ``x``: a seed gives
+    the same values whatever ``x``'s memory format (channels-last batches included), for one copy
+    of an input-sized tensor per attack when the formats differ."""
+    noise = draw(torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return noise if x.is_contiguous() else torch.empty_like(x).copy_(noise)
+
+
 def check(name: str, value, low: float, allow_equal: bool = True) -> None:
     ok = value >= low if allow_equal else value > low
     if not ok:

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..speed import compile_like
 from .base import ATTACKS, check
 from .pgd import PGD
 from .shapes import LookAhead
@@ -20,8 +21,8 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 def detached_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` without the hooks a wrapper (DeepSpeed) registered on it: its
     forward pre-hook starts a throughput timer that synchronizes the device, which would make a
-    side-stream attack wait for the main stream."""
-    clone = copy.deepcopy(model)
+    side-stream attack wait for the main stream. Compiled where ``model`` is (a copy loses it)."""
+    clone = compile_like(model, copy.deepcopy(model))
     for module in clone.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(module, name, None)

@@ -1,9 +1,7 @@
 """The no-gradient baselines: natural training (``none``) and uniform noise in the Linf ball (``noise``)."""
 from __future__ import annotations
 
-import torch
-
-from .base import ATTACKS, Attack
+from .base import ATTACKS, Attack, noise_like
 
 
 @ATTACKS.register("none")
@@ -29,4 +27,4 @@ class UniformNoise(Attack):
         super().__init__(eps, bn_mode, loss)
 
     def _perturb(self, model, x, y):
-        return (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp_(0, 1)
+        return (x + noise_like(x, lambda t: t.uniform_(-self.eps, self.eps))).clamp_(0, 1)

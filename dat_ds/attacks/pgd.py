@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import ATTACKS, Attack, LossFn, box, check, sum_ce
+from .base import ATTACKS, Attack, LossFn, box, check, noise_like, sum_ce
 
 
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
@@ -19,7 +19,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     """
     x = x.detach()
     lo, hi = box(x.clone(), eps)
-    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    delta = noise_like(x, lambda t: t.uniform_(-eps, eps)) if random_start else torch.zeros_like(x)
     if not random_start and start_std:
         delta = torch.randn(x.shape, dtype=x.dtype, device=x.device).mul_(start_std)
     delta = torch.max(torch.min(delta, hi), lo)
@@ -47,7 +47,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha
     (without one: 0, or ``start_std * N(0, 1)`` projected into the ball)."""
     x = x.detach()
     if random_start:
-        delta = torch.randn_like(x)
+        delta = noise_like(x, torch.Tensor.normal_)
         radius = torch.rand(len(x), *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype) * eps
         delta = project_l2(delta / per_sample_norm(delta) * radius, x, eps)
     elif start_std:

@@ -49,7 +49,7 @@ class FlatGrads:
         self.views = []
         offset = 0
         for p in params:
-            self.views.append(self.buffer[offset:offset + p.numel()].view_as(p))
+            self.views.append(_view_like(self.buffer, offset, p))
             offset += p.numel()
         self.unused: List[int] = []
 
@@ -82,6 +82,15 @@ class FlatGrads:
         for p, view in zip(self.params, self.views):
             if p.grad is not None and p.grad is not view:
                 p.grad = None
+
+
+def _view_like(buffer: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """``p.numel()`` values of ``buffer`` from ``offset``, shaped and strided like ``p`` (a
+    channels-last weight gets a channels-last gradient, which backward then fills in place)."""
+    dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
+    if p.dim() == 4 and dense:
+        return buffer.as_strided(p.shape, p.stride(), offset)
+    return buffer[offset:offset + p.numel()].view_as(p)
 
 
 def _eligible(engine, params) -> bool:

@@ -81,12 +81,18 @@ def raw_batches(ds: Dataset) -> Dataset:
     return ds.raw_view() if hasattr(ds, "raw_view") else ds
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, device) -> tuple:
+def to_device(x: torch.Tensor, y: torch.Tensor, device, memory_format=torch.preserve_format) -> tuple:
     """A batch on ``device``, images as floats in [0, 1]: uint8 batches are converted after the
-    copy, on the device. From pinned memory the copies do not block the host."""
+    copy, on the device. From pinned memory the copies do not block the host. ``memory_format``:
+    the images' layout there (channels-last for a model laid out so, :func:`dat_ds.speed.input_format`),
+    taken in the same pass as the conversion to floats."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if x.dim() != 4:
+        memory_format = torch.preserve_format
     if x.dtype == torch.uint8:
-        x = x.float().div_(255)
+        x = x.to(torch.float32, memory_format=memory_format).div_(255)
+    elif memory_format is not torch.preserve_format:
+        x = x.contiguous(memory_format=memory_format)
     return x, y
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .. import attacks, compress, objectives
+from .. import attacks, compress, objectives, speed
 from ..evaluate import PGDSpec
 from ..models import check_backbone
 
@@ -70,6 +70,8 @@ class TrainConfig:
     backbone: str = "resnet18"
     stem: str = "auto"
     pretrained: Optional[bool] = None  # None: the backbone source's default (timm random, transformers pretrained)
+    channels_last: str = "auto"  # weights and batches channels-last (dat_ds.speed); auto: conv backbones on a GPU
+    compile: str = "auto"  # torch.compile of the backbone (dat_ds.speed); auto: on a GPU
     sync_bn: bool = False  # torch's SyncBatchNorm (GPUs): batch statistics over every rank in each forward
     # training method: attack (inner maximization) and objective (outer loss)
     attack: str = "pgd"
@@ -117,6 +119,8 @@ class TrainConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not (isinstance(self.comm_timeout, (int, float)) and 0 < self.comm_timeout < math.inf):
             raise ValueError(f"--comm-timeout must be a number of seconds > 0, got {self.comm_timeout}")
+        speed.check_mode("channels-last", self.channels_last)
+        speed.check_mode("compile", self.compile)
         from ..guard import DEFER_MODES
         if self.defer_guard not in DEFER_MODES:
             raise ValueError(f"--defer-guard must be one of {', '.join(DEFER_MODES)}, got {self.defer_guard!r}")

@@ -19,6 +19,7 @@ from ..attacks.shapes import StepContext
 from ..data import to_device
 from ..engine import autocast, exchange_gradients
 from ..guard import StepGuard, skip_step
+from ..speed import input_format
 from ..syncs import HostCopy
 from ..timing import Timers
 
@@ -161,7 +162,7 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
     totals = totals or Totals(engine.device)
     objective = objective or objectives.Madry()
     ctx = step_context(engine, timers, state.carry)
-    batches = _counted(_to_device(loader, engine.device), state, batches)
+    batches = _counted(_to_device(loader, engine.device, input_format(engine.module)), state, batches)
     if guard is not None:
         guard.prepare(compressor, attack.shape, ema)
     for x, y, micro_steps in attack.shape.minibatches(ctx, batches, attack):
@@ -192,9 +193,9 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
     return totals.result()
 
 
-def _to_device(loader, device) -> Iterator:
+def _to_device(loader, device, memory_format=torch.preserve_format) -> Iterator:
     for x, y in loader:
-        yield to_device(x, y, device)
+        yield to_device(x, y, device, memory_format)
 
 
 def _counted(batches: Iterator, state: EpochState, limit: Optional[int]) -> Iterator:

@@ -19,6 +19,7 @@ from ..data import DatasetInfo, bad_samples, load_dataset, start_epoch, train_lo
 from ..engine import initialize, load_config, resolve_batch, restore_best
 from ..evaluate import evaluate
 from ..guard import StepGuard, StopRequested, StopSignal
+from .. import speed
 from ..metrics import RunLogger
 from ..timing import Timers
 from ..models import create_model
@@ -149,6 +150,8 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     plan = plan_passes(len(loader), cfg.epochs, replays, gas)
     # the schedule counts natural epochs of optimizer steps, whatever the shape makes of them
     engine = initialize(model, ds_cfg, plan.updates_per_epoch, plan.schedule_epochs)
+    # channels-last only after DeepSpeed's broadcast, which views every weight as bytes
+    speed.prepare(engine.module, cfg.channels_last, cfg.compile, engine.device)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
     stop = StopSignal()
     out = Path(cfg.output_dir)
@@ -265,6 +268,7 @@ def summarize(run: Run, stopped_early: bool) -> dict:
             "optimizer": run.ds_cfg.get("optimizer", {}).get("type", "Lamb"),
             "best_epoch": progress.watch.best_epoch, "stopped_early": stopped_early, "output_dir": str(run.out),
             "skipped_steps": engine.skipped_steps, "global_step": engine.global_steps,
+            "speed": speed.describe(engine.module).as_dict(),
             "ema": None if run.ema is None else {"decay": run.ema.decay, "warmup": run.ema.warmup}}
 
 
