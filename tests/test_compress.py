@@ -522,3 +522,11 @@ def test_every_registered_compressor_round_trips_a_tensor(name):
 def test_bad_settings_raise_a_clear_error(name, kw, message):
     with pytest.raises(ValueError, match=message):
         create(name, **kw)
+
+
+def test_the_package_documentation_cites_no_missing_file():
+    """Module docs name papers and files of this repository only (a cited METHODS.md was missing)."""
+    import re
+    for path in sorted((ROOT / "dat_ds").rglob("*.py")):
+        for cited in re.findall(r"[\w./-]+\.md\b", path.read_text()):
+            assert (ROOT / cited).exists(), f"{path.relative_to(ROOT)} cites {cited}, which is not in the repository"

@@ -8,29 +8,40 @@ measured against.
     >>> c = create("qsgd", bits=4, bucket_size=512, topology="two-sided")
     >>> stats = c.all_reduce_([p.grad for p in model.parameters()])  # doctest: +SKIP
 
-Compressors (``names()``; formulas in METHODS.md section 3):
+Compressors (``names()``), each with the paper it follows:
 
 * ``none``: fp32 ring all-reduce of one flat buffer, the reference.
-* ``qsgd``: QSGD with ``bits`` (1..8, or 16) per coordinate and one fp32 norm per bucket of
-  ``bucket_size`` values. Unbiased stochastic rounding; codes are bit-packed (16 bits: one
-  little-endian int16 signed level per value).
-* ``sign_vote``: signSGD / Signum with majority vote, 1 bit per coordinate. The result is the
-  vote itself, +1 / -1 per coordinate (0 where the vote is tied, possible only with an even
-  number of ranks): the optimizer's learning rate sets the step size. An exact zero votes +1 or
-  -1 by a fair coin (1 bit cannot carry 0; its sign bit would always say +1).
-* ``ef_sign``: scaled sign with worker and server error feedback, the compressor of
-  DeepSpeed's former 1-bit Adam / 1-bit LAMB.
-* ``powersgd``: PowerSGD (Vogels et al. 2019), rank-``rank`` factors P, Q of every matrix
-  gradient, error feedback and warm start; vectors go as fp32 (DDP's PowerSGD hook).
+* ``qsgd``: QSGD (Alistarh, Grubic, Li, Tomioka and Vojnovic, "QSGD: Communication-Efficient
+  SGD via Gradient Quantization and Encoding", NeurIPS 2017) with ``bits`` (1..8, or 16) per
+  coordinate and one fp32 norm per bucket of ``bucket_size`` values. Unbiased stochastic
+  rounding; codes are bit-packed (16 bits: one little-endian int16 signed level per value).
+* ``sign_vote``: signSGD / Signum with majority vote (Bernstein, Wang, Azizzadenesheli and
+  Anandkumar, "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018; Bernstein,
+  Zhao, Azizzadenesheli and Anandkumar, "signSGD with Majority Vote is Communication Efficient
+  and Fault Tolerant", ICLR 2019), 1 bit per coordinate. The result is the vote itself, +1 / -1
+  per coordinate (0 where the vote is tied, possible only with an even number of ranks): the
+  optimizer's learning rate sets the step size. An exact zero votes +1 or -1 by a fair coin
+  (1 bit cannot carry 0; its sign bit would always say +1).
+* ``ef_sign``: scaled sign with worker and server error feedback (Karimireddy, Rebjock, Stich
+  and Jaggi, "Error Feedback Fixes SignSGD and other Gradient Compression Schemes", ICML 2019),
+  the compressor of DeepSpeed's former 1-bit Adam (Tang et al., "1-bit Adam: Communication
+  Efficient Large-Scale Training with Adam's Convergence Speed", ICML 2021) and 1-bit LAMB (Li
+  et al., "1-bit LAMB: Communication Efficient Large-Scale Large-Batch Training with LAMB's
+  Convergence Speed", HiPC 2022).
+* ``powersgd``: PowerSGD (Vogels, Karimireddy and Jaggi, "PowerSGD: Practical Low-Rank Gradient
+  Compression for Distributed Optimization", NeurIPS 2019), rank-``matrix_rank`` factors P, Q
+  of every matrix gradient, error feedback and warm start; vectors go as fp32 (DDP's PowerSGD
+  hook).
 * ``bf16``: cast to bfloat16, all-reduce, cast back and divide (DDP's ``bf16_compress_hook``).
 
 Aggregation (``topology``), over ``N`` ranks:
 
 * ``one-sided``: ``all_gather`` of every rank's compressed gradient; every rank decodes all
   ``N`` payloads (its own included, from the gathered bytes) and averages (or votes) locally.
-* ``two-sided`` (parameter server, every rank serves a 1/N shard): ``all_to_all`` of the
-  compressed shards; each rank decodes and averages (or votes) its shard, re-compresses the
-  result and ``all_gather``-s it; every rank decodes the same gathered bytes.
+* ``two-sided`` (parameter server, every rank serves a 1/N shard, the pattern of Zhang et al.,
+  "Distributed Adversarial Training to Robustify Deep Neural Networks at Scale", UAI 2022):
+  ``all_to_all`` of the compressed shards; each rank decodes and averages (or votes) its shard,
+  re-compresses the result and ``all_gather``-s it; every rank decodes the same gathered bytes.
 
 Either way every rank ends with bit-identical gradients: all of them decode the same bytes in
 the same order. The flat gradient is zero-padded so that it splits into ``N`` equal shards of
