@@ -1,6 +1,9 @@
-"""``bench/report.py``'s section for ``results/gpu.json`` (``bench/gpu_check.py``): training
-throughput against a bare loop, ConAdv's overlap, syncs per step, codec GB/s, DAT steps over nccl,
-dat-ds's LAMB beside DeepSpeed's fused LAMB, and peak memory. ``gpu_check.py`` prints the same text.
+"""``bench/report.py``'s section for ``results/gpu.json`` (``bench/gpu_check.py``): dat-ds against a
+tuned loop (and MFU), training throughput against a bare loop, ConAdv's overlap, syncs per step,
+the step guard's two agreements, the micro-batch sweep, codec GB/s, PowerSGD grouped against per
+tensor, DAT steps over nccl, dat-ds's LAMB beside DeepSpeed's fused LAMB, and peak memory.
+``gpu_check.py`` prints the same text. Sections a results file lacks because it predates them
+read "not yet measured on a GPU".
 
     from report_gpu import render_gpu   # in report.py: the renderer of the "gpu" results file
 """
@@ -56,8 +59,6 @@ def throughput(section: dict) -> List[str]:
            "guard as a training run does (see the settings line); sync guard: with the guard's synchronous agreement "
            "(one host read per step); no guard: without the guard (no non-finite check); all timed in the same "
            "rounds.", ""]
-    headers = ["method", "dat-ds img/s", "bare img/s", "dat-ds / bare", "sync guard / bare", "no guard / bare",
-               "time vs natural", "syncs / step", "host reads / step", "updates / minibatch"]
     for m in section.get("models", []):
         title = f"`{m.get('model')}`"
         if "error" in m:
@@ -65,12 +66,73 @@ def throughput(section: dict) -> List[str]:
             continue
         out += [f"{title} at {m['img_size']} px, batch {m['batch']}, {m['dtype']}, {_fmt(m['params_m'])} M parameters; "
                 f"peak memory {_fmt(m.get('peak_memory_gb'))} GB", ""]
+        # results from before the guard section kept its ablation in this table
+        ablation = any("sync_guard_ratio_to_bare" in r for r in m["methods"])
+        headers = ["method", "dat-ds img/s", "bare img/s", "dat-ds / bare",
+                   *(["sync guard / bare", "no guard / bare"] if ablation else []),
+                   "time vs natural", "syncs / step", "host reads / step", "updates / minibatch"]
         out += _table(headers, _rows(m["methods"], "method", lambda r: [
             r["method"], r["images_per_s"], r["bare_images_per_s"], r["ratio_to_bare"],
-            r.get("sync_guard_ratio_to_bare"), r.get("no_guard_ratio_to_bare"), r.get("time_vs_natural"),
-            r["syncs_per_step"], r["host_reads_per_step"], r["updates_per_minibatch"]], len(headers)))
+            *([r.get("sync_guard_ratio_to_bare"), r.get("no_guard_ratio_to_bare")] if ablation else []),
+            r.get("time_vs_natural"), r["syncs_per_step"], r["host_reads_per_step"], r["updates_per_minibatch"]],
+            len(headers)))
         out += conadv(m.get("conadv_overlap", {}))
     return out
+
+
+def _not_gpu(section: dict) -> List[str]:
+    if section.get("gpu_figure", True):
+        return []
+    return ["**Not a GPU figure**: a CPU run of the code paths (tiny model, torch.compile with dynamo's "
+            f"`{section.get('compile_backend')}` backend).", ""]
+
+
+def tuned(section: dict) -> List[str]:
+    peak = section.get("peak_tflops")
+    out = ["### The anchor: dat-ds against a tuned PyTorch loop", "",
+           f"`{section['model']}` at {section['img_size']} px, batch {section['batch']}, {section['dtype']}; tuned: "
+           f"channels-last, torch.compile ({section['compile_backend']}), same attack and LAMB; dat-ds with "
+           f"`--channels-last on --compile on`; MFU = img/s x FLOPs per image / "
+           + (f"{_fmt(peak)} TFLOP/s (dense bf16 peak)" if peak else "a bf16 peak (none known for this device)"),
+           "", *_not_gpu(section)]
+    headers = ["method", "untuned img/s", "tuned img/s", "dat-ds img/s", "dat-ds / tuned", "untuned / tuned",
+               "GFLOP / image", "MFU tuned", "MFU dat-ds"]
+    return out + _table(headers, _rows(section["methods"], "method", lambda r: [
+        r["method"], r["untuned_images_per_s"], r["tuned_images_per_s"], r["dat_ds_images_per_s"],
+        r["ratio_to_tuned"], r["untuned_ratio_to_tuned"], r["gflops_per_image"], r.get("tuned_mfu"),
+        r.get("dat_ds_mfu")], len(headers)))
+
+
+def guard(section: dict) -> List[str]:
+    out = ["### The step guard: deferred agreement beside the synchronous one", "",
+           f"`{section['model']}`, batch {section['batch']}, {section['dtype']}; deferred: decided on the device, "
+           "read one step later; synchronous: one host read per optimizer step; host reads per step include the "
+           "epoch's one read of its loss.", ""]
+    headers = ["method", "deferred / bare", "synchronous / bare", "no guard / bare", "deferred / synchronous",
+               "host reads / step deferred", "host reads / step synchronous"]
+    return out + _table(headers, _rows(section["methods"], "method", lambda r: [
+        r["method"], r["deferred_ratio_to_bare"], r["synchronous_ratio_to_bare"], r["no_guard_ratio_to_bare"],
+        r["deferred_vs_synchronous"], r["deferred_host_reads_per_step"], r["synchronous_host_reads_per_step"]],
+        len(headers)))
+
+
+def sweep(section: dict) -> List[str]:
+    out = ["### Micro-batch sweep (dat-ds, channels-last and compiled)", "",
+           f"`{section['model']}` at {section['img_size']} px, {section['dtype']}, torch.compile "
+           f"({section['compile_backend']}).", ""]
+    headers = ["batch", "natural img/s", "PGD-3 img/s", "peak memory GB"]
+    return out + _table(headers, _rows(section["batches"], "batch", lambda r: [
+        r["batch"], r["natural_images_per_s"], r["pgd-3_images_per_s"], r["peak_memory_gb"]], len(headers)))
+
+
+def powersgd(section: dict) -> List[str]:
+    out = ["### PowerSGD: matrices grouped by shape against one tensor at a time", "",
+           f"`{section['model']}` gradient, {section['numel'] / 1e6:.1f} M values in {section['tensors']} tensors "
+           f"({section['matrices']} matrices of {section['shapes']} shapes); encode + decode at world size 1, "
+           "alternating.", ""]
+    headers = ["rank", "grouped GB/s", "per tensor GB/s", "speed-up", "same result"]
+    return out + _table(headers, _rows(section["ranks"], "matrix_rank", lambda r: [
+        r["matrix_rank"], r["grouped_gbps"], r["per_tensor_gbps"], r["speedup"], r["same_result"]], len(headers)))
 
 
 def conadv(o: dict) -> List[str]:
@@ -152,7 +214,9 @@ def trace(section: dict) -> List[str]:
     return out + _table(["method", "loop", "ms / step", "device busy share"], rows)
 
 
-RENDER = {"throughput": throughput, "codec": codec, "nccl": nccl, "lamb": lamb, "trace": trace, "memory": memory}
+RENDER = {"tuned": tuned, "throughput": throughput, "guard": guard, "sweep": sweep, "codec": codec,
+          "powersgd": powersgd, "nccl": nccl, "lamb": lamb, "trace": trace, "memory": memory}
+LATER = ("tuned", "guard", "sweep", "powersgd")  # sections results files from before them lack
 
 
 GUARD = {None: "on the host, one read per step (measured before the deferred agreement existed)",
@@ -174,7 +238,10 @@ def render_gpu(name: str, data: dict) -> str:
     for key, fn in RENDER.items():
         section = data.get("sections", {}).get(key)
         if section is None:
-            out += [] if key == "trace" else [f"### {key}: not run", ""]  # the trace runs only when asked
+            if key in LATER and s.get("device") == "cuda":
+                out += [f"### {key}: not yet measured on a GPU", ""]
+            elif key != "trace":  # the trace runs only when asked
+                out += [f"### {key}: not run", ""]
             continue
         problem = _problem(section)
         if problem:

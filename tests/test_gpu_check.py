@@ -62,9 +62,7 @@ def test_throughput_of_every_method_beside_the_bare_loop_within_the_sync_budget(
         assert 1 <= m["host_reads_per_step"] <= 1 + 1 / (steps * m["updates_per_minibatch"]), m
         assert positive(sum(m["phases_s"].values()))
     assert {m["method"]: m["updates_per_minibatch"] for m in model["methods"]}["free-4"] == 4
-    for m in model["methods"]:  # the step guard's price: the same steps with its synchronous agreement, without it
-        for key in ("sync_guard_ratio_to_bare", "no_guard_ratio_to_bare"):
-            assert positive(m.get(key)) == (m["method"] in gpu_check.GUARD_ABLATION), (key, m)
+    assert not any("sync_guard_ratio_to_bare" in m for m in model["methods"])  # the guard section has it
     overlap = model["conadv_overlap"]
     assert all(positive(overlap[k]) for k in ("attack_s", "update_s", "conadv_s"))
     assert math.isclose(overlap["overlap"], overlap["hidden_s"] / overlap["attack_s"])
@@ -156,3 +154,65 @@ def test_arch_lists_are_rewritten_as_deepspeeds_jit_builder_reads_them(given, bu
 def test_a_bad_budget_is_refused_in_one_line(capsys):
     assert gpu_check.main(["--device", "cpu", "--quick", "--budget-s", "0"]) == 2
     assert capsys.readouterr().err.strip() == "gpu_check: --budget-s must be positive, got 0"
+
+
+def test_the_tuned_anchor_for_every_method_with_flops_and_no_gpu_figure_on_a_cpu(quick):
+    data, stdout = quick
+    tuned = data["sections"]["tuned"]
+    assert [m["method"] for m in tuned["methods"]] == [label for label, _, _ in gpu_check.METHODS]
+    assert tuned["compile_backend"] == "eager" and tuned["gpu_figure"] is False and tuned["peak_tflops"] is None
+    flops = {}
+    for m in tuned["methods"]:
+        assert "error" not in m, m
+        assert all(positive(m[k]) for k in ("untuned_images_per_s", "tuned_images_per_s", "dat_ds_images_per_s",
+                                            "ratio_to_tuned", "untuned_ratio_to_tuned", "gflops_per_image"))
+        assert m["tuned_mfu"] is None and m["dat_ds_mfu"] is None  # no peak known for a CPU
+        flops[m["method"]] = m["gflops_per_image"]
+    # counted, not assumed: each PGD step adds a forward and an input backward, Free-m replays m times
+    assert flops["natural"] < flops["fgsm_rs"] < flops["pgd-3"] < flops["pgd-10"]
+    assert 4 < flops["free-4"] / flops["natural"] < 4.2  # plus the input gradient of the first convolution
+    assert "### The anchor: dat-ds against a tuned PyTorch loop" in stdout and "**Not a GPU figure**" in stdout
+
+
+def test_the_bf16_peak_comes_from_the_device_name(monkeypatch):
+    from gpu.tuned import bf16_peak_flops
+    assert bf16_peak_flops(torch.device("cpu")) is None
+    for name, peak in (("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bf16_peak_flops(torch.device("cuda")) == peak, name
+
+
+def test_the_deferred_guard_reads_the_host_once_per_epoch_the_synchronous_once_per_step(quick):
+    data, stdout = quick
+    section = data["sections"]["guard"]
+    steps = data["settings"]["plan"]["steps"]
+    assert [m["method"] for m in section["methods"]] == list(gpu_check.GUARD_ABLATION)
+    for m in section["methods"]:
+        assert all(positive(m[f"{k}_ratio_to_bare"]) for k in ("deferred", "synchronous", "no_guard")), m
+        assert positive(m["deferred_vs_synchronous"])
+        assert m["deferred_host_reads_per_step"] == 1 / steps  # the epoch's loss, read once
+        assert m["synchronous_host_reads_per_step"] == 1 + 1 / steps
+        assert m["deferred_syncs_per_step"] == m["synchronous_syncs_per_step"] == 0
+    assert "### The step guard: deferred agreement beside the synchronous one" in stdout
+
+
+def test_the_batch_sweep_and_powersgd_grouped_against_per_tensor(quick):
+    data, stdout = quick
+    sweep = data["sections"]["sweep"]
+    assert [b["batch"] for b in sweep["batches"]] == list(data["settings"]["plan"]["sweep"])
+    for b in sweep["batches"]:
+        assert positive(b["natural_images_per_s"]) and positive(b["pgd-3_images_per_s"]) and positive(
+            b["peak_memory_gb"]), b
+    ps = data["sections"]["powersgd"]
+    assert [r["matrix_rank"] for r in ps["ranks"]] == [1, 4] and ps["matrices"] >= ps["shapes"] > 0
+    for r in ps["ranks"]:
+        assert positive(r["grouped_gbps"]) and positive(r["per_tensor_gbps"]) and r["same_result"], r
+    assert "### Micro-batch sweep" in stdout and "### PowerSGD: matrices grouped by shape" in stdout
+
+
+def test_sections_missing_from_an_older_gpu_results_file_read_not_yet_measured():
+    text = render_gpu("gpu", {"settings": {"device": "cuda"}, "sections": {}})
+    for key in ("tuned", "guard", "sweep", "powersgd"):
+        assert f"### {key}: not yet measured on a GPU" in text
+    assert "### nccl: not run" in text
