@@ -195,8 +195,7 @@ def powersgd_steps(shapes, steps: int, baseline: bool, **kw):
     """``steps`` exchanges of seeded gradients at world size 1: the results, the error and every
     buffer handed to the all-reduce (what would go on the wire)."""
     c = create("powersgd", random_seed=3, **kw)
-    if baseline:
-        c.use_baseline_codec()
+    c.grouped = not baseline  # either form on this CPU
     sent = []
     c._all_reduce = lambda stats, buf, world: sent.append(buf.clone())
     gen = torch.Generator().manual_seed(11)
@@ -212,7 +211,8 @@ def powersgd_steps(shapes, steps: int, baseline: bool, **kw):
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_powersgd_grouped_by_shape_gives_the_per_tensor_numbers_and_bytes(rank):
     """Matrices stacked by shape (batched products, one orthogonalization per shape, vectors in one
-    copy) against the first, per-tensor form: the same results, residuals and exchanged buffers."""
+    copy: a GPU's form) against the per-tensor form (the CPU's): the same results, residuals and
+    exchanged buffers."""
     shapes = [(24, 40), (30,), (24, 40), (8, 6, 3, 3), (50, 20), (24, 40), (5,), (8, 6, 3, 3), (3, 2)]
     grouped, err, sent = powersgd_steps(shapes, 3, False, matrix_rank=rank)
     looped, err_looped, sent_looped = powersgd_steps(shapes, 3, True, matrix_rank=rank)
@@ -225,17 +225,17 @@ def test_powersgd_grouped_by_shape_gives_the_per_tensor_numbers_and_bytes(rank):
 
 
 def test_powersgd_dispatches_per_shape_not_per_tensor():
-    """4 or 32 matrices of one shape: the grouped exchange dispatches the same operators (one
-    batched product per shape); the per-tensor form dispatches more with every matrix."""
+    """4 or 32 matrices of one shape: the grouped exchange (a GPU's) dispatches the same operators
+    (one batched product per shape); the per-tensor form dispatches more with every matrix."""
     def ops(count, baseline):
         c = create("powersgd", matrix_rank=2)
-        if baseline:
-            c.use_baseline_codec()
+        c.grouped = not baseline
         shapes = [torch.Size((16, 12)), torch.Size((16,))] * count
         flat = torch.randn(count * 208)
         c.all_reduce_flat_(flat, flat.numel(), shapes)  # first call: layout, workspaces, Q
         return dispatched_ops(lambda: c.all_reduce_flat_(flat, flat.numel(), shapes))
     assert ops(4, False) == ops(32, False) < ops(4, True) < ops(32, True)
+    assert create("powersgd").grouped is None and create("powersgd").use_baseline_codec().grouped is False
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -1,8 +1,8 @@
 """``codec``: every compressor's encode + decode (``all_reduce_flat_`` at world size 1, what a
 training step runs) on the device, GB/s of fp32 gradient beside a plain copy of the buffer.
 ``powersgd``: PowerSGD's exchange with its matrices stacked by shape (batched products and
-orthogonalizations) beside its first, per-tensor form (``use_baseline_codec``), interleaved,
-same gradient, same bytes."""
+orthogonalizations; a GPU's form) beside its per-tensor form (``use_baseline_codec``; the CPU's),
+interleaved, same gradient, same bytes."""
 from __future__ import annotations
 
 import math
@@ -69,6 +69,7 @@ def powersgd_one(rank: int, source: torch.Tensor, shapes: list, plan: Plan, cloc
     numel = source.numel()
     forms = {"grouped": compress.create("powersgd", matrix_rank=rank),
              "per tensor": compress.create("powersgd", matrix_rank=rank).use_baseline_codec()}
+    forms["grouped"].grouped = True  # also on a CPU, which takes the per-tensor form by default
     flats = {k: torch.zeros(numel, device=source.device) for k in forms}
     for k, c in forms.items():  # first call: layout, workspaces, Q
         c.all_reduce_flat_(flats[k].copy_(source), numel, shapes)

@@ -85,11 +85,12 @@ class PowerSGD(Compressor):
     seeds it. Three all-reduces per step; bytes: 2 (N - 1) / N * 4 (|P| + |Q| + |vectors|).
     The first ``start_iter`` exchanges are plain fp32 all-reduces (the hook's
     ``start_powerSGD_iter``: compressing the first, fast-changing gradients costs accuracy).
-    Matrices of one shape are stacked and handled together (batched products, one batched
-    orthogonalization per shape, as the hook's ``batch_tensors_with_same_shape``) and the vectors
-    are gathered in one copy: a few kernels per shape, not several per tensor (ResNet-50: 21
-    shapes for 54 matrices and 107 vectors). ``use_baseline_codec()`` switches to the first,
-    per-tensor form (same numbers and bytes), which the benchmarks measure beside it.
+    On a GPU, matrices of one shape are stacked and handled together (batched products, one
+    batched orthogonalization per shape, as the hook's ``batch_tensors_with_same_shape``) and the
+    vectors are gathered in one copy: a few kernels per shape, not several per tensor (ResNet-50:
+    21 shapes for 54 matrices and 107 vectors). On the CPU, one product per matrix in place is
+    faster (``grouped``); both forms send the same bytes and compute the same numbers.
+    ``use_baseline_codec()`` takes the per-tensor form everywhere (the benchmarks' "before").
 
     Settings:
         matrix_rank: the approximation rank r (1, the default of the paper and of DDP).
@@ -104,7 +105,10 @@ class PowerSGD(Compressor):
 
     name = "powersgd"
     state_names = ("error", "q", "exchanges")
-    baseline = False  # True: the per-tensor form (``use_baseline_codec``), which the benchmarks measure as before
+    # the grouped form (True) or the per-tensor one (False); None: grouped on a GPU, where a few
+    # batched kernels replace hundreds of launches, per tensor on the CPU, whose batched products
+    # run several times slower than one product per matrix (and the stacking copies gain nothing)
+    grouped: Optional[bool] = None
 
     def __init__(self, matrix_rank: int = 1, min_compression_rate: float = 2.0, random_seed: int = 0,
                  start_iter: int = 0, byzantine_ranks: Sequence[int] = (), byzantine_mode: str = "scale",
@@ -125,7 +129,8 @@ class PowerSGD(Compressor):
         self._exchanges = 0
 
     def use_baseline_codec(self) -> "PowerSGD":
-        self.baseline = True
+        """The per-tensor form on every device (what the benchmarks measure as before)."""
+        self.grouped = False
         return self
 
     def state_dict(self) -> dict:
@@ -198,10 +203,10 @@ class PowerSGD(Compressor):
         before = self._ws.get("before", (n,), torch.float32, x.device).copy_(x)
         p_mem, q_mem = self._factors(layout, x.device)
 
-        if self.baseline:
-            self._exchange_per_tensor(stats, world, layout, x, p_mem, q_mem)
-        else:
+        if self.grouped or (self.grouped is None and x.is_cuda):
             self._exchange_grouped(stats, world, layout, x, p_mem, q_mem)
+        else:
+            self._exchange_per_tensor(stats, world, layout, x, p_mem, q_mem)
         torch.sub(before, x, out=err)
         return stats
 
@@ -230,8 +235,8 @@ class PowerSGD(Compressor):
         torch._foreach_copy_(matrices, stacked.split(layout.matrix_sizes))
 
     def _exchange_per_tensor(self, stats: CommStats, world: int, layout: _Layout, x, p_mem, q_mem) -> None:
-        """The first form (``use_baseline_codec``): copies, products and orthogonalizations one
-        tensor at a time, in place in the flat buffer; the same numbers and bytes as the grouped form."""
+        """Copies, products and orthogonalizations one tensor at a time, in place in the flat buffer
+        (the first form, and the CPU's); the same numbers and bytes as the grouped form."""
         vec = self._ws.get("vectors", (layout.v_numel,), torch.float32, x.device)
         start = 0
         for offset, numel in layout.vectors:
