@@ -6,21 +6,31 @@ compressor, dataset) are derived from the settings each registered component dec
 signature (``Registry.settings``): a flag the chosen component does not take is an error that
 names the flag and the component. ``--plugin MODULE`` imports a module (a dotted name or a
 ``.py`` file) that registers more components before the flags are built. Bad input ends the
-process with one line on stderr and exit code 2.
+process with one line on stderr and exit code 2 (a misspelt flag: a short usage line and the
+closest flag), printed once per job under a launcher (:mod:`dat_ds.job_lines`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import inspect
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .suggest import did_you_mean
+
 PLUGINS_ENV = "DAT_DS_PLUGINS"  # comma-separated modules, loaded like --plugin
+
+# torch warns on import of its extension builder (which DeepSpeed imports) that a CPU machine has no
+# CUDA runtime: noise on every rank before a recipe has said anything
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def number(text: str) -> float:
@@ -181,9 +191,85 @@ def _takers(entry: dict) -> str:
     return ", ".join(f"{kind} {name}" for kind, name in entry["takers"])
 
 
+def choices_help(what: str, registry) -> str:
+    """``what``, then every registered name with the first sentence of its docstring (plugins included)."""
+    return f"{what}: " + "; ".join(f"{name}: {_first_sentence(registry.get(name))}" for name in registry.names())
+
+
+def _first_sentence(obj) -> str:
+    """The docstring's first sentence, cut at a semicolon and, when long, at a colon after its head."""
+    text = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split()).replace("``", "")
+    ends = [m.start() for m in re.finditer(r"\.(\s|$)", text) if not re.search(r"\b(al|e\.g|i\.e)$", text[:m.start()])]
+    text = text[:ends[0]] if ends else text
+    text = text.split("; ")[0]
+    if len(text) > 90 and ": " in text[20:]:
+        text = text[:20] + text[20:].split(": ")[0]
+    return text.rstrip(".:") or "(no description)"
+
+
 # --- the parser -------------------------------------------------------------------------------
 
-class RecipeParser(argparse.ArgumentParser):
+class UsageError(ValueError):
+    """A command line the parser refuses; :func:`run` prints ``usage`` (one line) before it."""
+
+    def __init__(self, message: str, usage: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after every flag with a default, unless its help already says what the
+    default is (or there is none: None, off, empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is none for none in (None, False, argparse.SUPPRESS)) \
+                or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the recipes: defaults in ``--help``; a refused command line raises
+    :class:`UsageError` (one usage line, not the whole flag list) and names the closest flag or choice."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(message, f"usage: {self.prog} [options]  ({self.prog} --help lists them)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            ns, rest = self.parse_known_args(args, namespace)
+        except UsageError:  # e.g. a required flag missing because it was misspelt: name the typo
+            unknown = self._unknown_flags(args)
+            if unknown:
+                self.error(f"unrecognized argument {unknown[0]}{self._hint(unknown[0])}")
+            raise
+        if rest:
+            unknown = self._unknown_flags(rest)
+            self.error(f"unrecognized arguments: {' '.join(rest)}{self._hint(unknown[0]) if unknown else ''}")
+        return ns
+
+    def _unknown_flags(self, args) -> List[str]:
+        """The ``--names`` in ``args`` that are no flag (nor an abbreviation of one)."""
+        names = [a.split("=", 1)[0] for a in args if a.startswith("--") and len(a) > 2]
+        return [n for n in names if not any(option.startswith(n) for option in self._option_string_actions)]
+
+    def _hint(self, name: str) -> str:
+        return did_you_mean(name, [o for o in self._option_string_actions if o.startswith("--")], quote=False)
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            hint = did_you_mean(str(value), [str(c) for c in action.choices]) if action.choices else ""
+            raise argparse.ArgumentError(action, f"{err.message}{hint}") from None
+
+
+class RecipeParser(ArgumentParser):
     """Records which flags the user gave (``args._given``), so that a setting given to a
     component that does not take it is an error, and a recipe's default is passed only where it
     applies."""
@@ -217,19 +303,25 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     load_plugins()
     from . import data
     dataset_names = list(getattr(data, "dataset_names", lambda: list(data.DATASETS))())
-    p = RecipeParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = RecipeParser(description=description)
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE (dotted name or .py file) first: it may register attacks, losses, "
                         f"compressors, datasets or backbone sources (also ${PLUGINS_ENV})")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion_mnist", help=" | ".join(dataset_names))
-    g.add_argument("--data-dir", default=None, help="folder holding the dataset files")
-    g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only N training samples")
-    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only N test samples")
+    g.add_argument("--dataset", default="fashion_mnist", help="the dataset: " + " | ".join(dataset_names))
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset files (default: the dataset's own place, e.g. Debian's "
+                        "Fashion-MNIST package; CIFAR and imagefolder need it)")
+    g.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="use only N training samples (default: all)")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only N test samples (default: all)")
     g.add_argument("--classes", default=None, metavar="IDS",
                    help="train and test on these classes only, e.g. 0-4 or 5,6,7,8,9 (labels become 0..k-1 in "
-                        "the listed order; the checkpoint records the original ids)")
-    g.add_argument("--img-size", type=int, default=None, help="input resolution (imagefolder)")
+                        "the listed order; the checkpoint records the original ids; default: all classes)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="input resolution of imagefolder and hf: datasets (default: 224 for imagefolder; for hf: "
+                        "the images' own size when they share one square size, else 224); datasets of one fixed "
+                        "size refuse another")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet18",
@@ -254,33 +346,37 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                         "a backbone that fails to compile runs eager, with one line saying so)")
     g = p.add_argument_group("training method")
     g.add_argument("--attack", default="pgd", choices=attacks.names(),
-                   help="training oracle: pgd, pgd_l2, fgsm_rs, free (Free-m), conadv (stale weights), noise, none")
+                   help=choices_help("training oracle (inner maximization)", attacks.ATTACKS))
     g.add_argument("--eps", type=number, default=0.1,
                    help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
     g.add_argument("--loss", default="madry", choices=objectives.names(),
-                   help="madry: CE(x_adv); mix: CE(x) + lam CE(x_adv); trades: CE(x) + beta KL(f(x)||f(x_adv))")
+                   help=choices_help("training objective (outer minimization)", objectives.OBJECTIVES))
     g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
     g = p.add_argument_group("held-out check (FGSM safety)")
     g.add_argument("--holdout", type=int, default=None,
                    help="training samples held out for a per-epoch PGD/FGSM check (default: for fgsm_rs "
                         "min(1000, 10%% of the training set), else 0); "
                         "the best epoch is kept in checkpoints/best and reported")
-    g.add_argument("--no-early-stop", dest="early_stop", action="store_false",
-                   help="keep training after catastrophic overfitting is detected")
+    g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop the run when the held-out check detects catastrophic overfitting "
+                        "(--no-early-stop keeps training)")
     g.add_argument("--co-drop", type=float, default=0.2,
                    help="held-out PGD accuracy drop (from its best) that flags catastrophic overfitting")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=int, default=5,
+                   help="passes over the training set (Free-m: epochs of updates); the LR schedule spans them")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights, the data order and subsets, and the attacks' random starts")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this invocation after N epochs (the schedule still spans --epochs); --resume continues")
-    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--eval-batch-size", type=int, default=256,
+                   help="samples per batch of the per-epoch clean and PGD evaluation")
     g = p.add_argument_group("gradient communication")
     g.add_argument("--compressor", default="none", choices=compress.names(),
-                   help="none: fp32 all-reduce; qsgd: b-bit QSGD; sign_vote: signSGD/Signum majority vote; "
-                        "ef_sign: scaled sign with error feedback")
+                   help=choices_help("how gradients cross ranks", compress.COMPRESSORS))
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="runs/dat")
+    g.add_argument("--output-dir", default="runs/dat",
+                   help="folder of the run: checkpoints/, metrics.jsonl, summary.json, config.json")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --output-dir (mid-epoch ones included)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -294,7 +390,7 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                         "host at once (off), or on when the device is a GPU and the step allows it (auto; needs "
                         "dat-ds's Lamb, a compressor without state and an attack other than Free-m)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
-    g.add_argument("--wandb-project", default="dat-ds")
+    g.add_argument("--wandb-project", default="dat-ds", help="W&B project of the run")
     g = p.add_argument_group("faults")
     g.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a rank with no step progress, or waiting in one collective, this long ends the run "
@@ -305,6 +401,9 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     deepspeed.add_config_arguments(p)
+    p._option_string_actions["--deepspeed_config"].help = (
+        "the ds_config JSON: batch size, precision, optimizer, LR schedule, EMA (a key neither DeepSpeed nor "
+        "dat-ds reads is an error)")
     _add_setting_flags(p, _setting_table())
     p.set_defaults(deepspeed_config="ds_configs/lamb_fp32.json")
     p.set_defaults(**defaults)
@@ -350,24 +449,31 @@ def _chosen_text(chosen: dict, entry: dict) -> str:
 
 
 def run(fn: Callable[[], Optional[dict]]) -> None:
-    """Run a recipe's main; expected failures become one line on stderr and exit code 2."""
+    """Run a recipe's main; expected failures become one line on stderr and exit code 2 (3: non-finite
+    steps; 128 + N: stopped by signal N), printed once per job under a launcher (:mod:`dat_ds.job_lines`)."""
     from .data import DataError
     from .engine import ConfigError
     from .guard import NonFiniteError, StopRequested
+    from .job_lines import print_once
     prog = os.path.basename(sys.argv[0])
     try:
         fn()
+    except UsageError as err:
+        print_once(f"{prog}: error: ", _one_line(err), before=err.usage)
+        sys.exit(2)
     except (ValueError, DataError, ConfigError, FileNotFoundError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print_once(f"{prog}: error: ", _one_line(err))
         sys.exit(2)
     except NonFiniteError as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print_once(f"{prog}: error: ", _one_line(err))
         sys.exit(3)
     except StopRequested as err:
-        print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        print_once(f"{prog}: ", str(err))
         sys.exit(128 + err.signum)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the newest complete checkpoint is kept (--resume continues)", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: no waiting for the other ranks' word
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: interrupted; the newest complete checkpoint is kept (--resume continues)",
+                  file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -5,9 +5,13 @@ one-rank world on a free loopback port so every code path (DeepSpeed included) i
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
+import re
 import socket
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -47,8 +51,23 @@ def init(timeout: Optional[float] = None) -> None:
     if get_accelerator().communication_backend_name() == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective aborts
         seconds += NCCL_GRACE
-    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=seconds))
+    with _without_build_notice():
+        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=seconds))
     _unlink_shm_buffer()
+
+
+@contextlib.contextmanager
+def _without_build_notice():
+    """DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" on every CPU rank (even when the
+    op was built long ago): noise before a recipe's own lines. Anything else it prints passes."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        rest = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not re.fullmatch(r"DeepSpeed \S+ built successfully\s*", line)]
+        sys.stdout.write("".join(rest))
 
 
 def _unlink_shm_buffer() -> None:

@@ -25,10 +25,10 @@ from dat_ds.metrics import write_json_atomic
 COLUMNS = ("index", "label", "prediction", "radius", "correct", "seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a checkpoint tag dir")
+def parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir, its checkpoints/ dir, a checkpoint tag dir or a model-states file")
     p.add_argument("--sigma", type=cli.number, default=None, help="noise std (default: the training run's sigma)")
     # --N0/--N (Cohen et al.'s spelling) pass through the deepspeed launcher, which reads --n as
     # an abbreviation of its own --num_nodes/--num_gpus and stops with "ambiguous option".
@@ -37,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws that estimate its probability (under the deepspeed launcher write --N)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     p.add_argument("--batch-size", type=int, default=1000, help="noise draws per forward")
-    p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="certify at most N images")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="certify at most N images (default: every --skip-th test image)")
     p.add_argument("--skip", type=int, default=1, metavar="K", help="take every K-th test image (0, K, 2K, ...)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; image i uses the draws of (seed, i)")
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
-    p.add_argument("--output-dir", default=None, help="default: <run dir>/certify")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset files (default: the dataset's own place; CIFAR and "
+                        "imagefolder need it)")
+    p.add_argument("--output-dir", default=None, help="where the results go (default: <run dir>/certify)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     return p
@@ -137,7 +140,7 @@ def print_table(summary: dict) -> None:
 
 
 def main():
-    args = build_parser().parse_args()
+    args = parser().parse_args()
     model_file, run_dir = resolve_checkpoint(args.checkpoint)
     if args.sigma is None:
         args.sigma = run_sigma(run_dir)

@@ -13,10 +13,13 @@ from dat_ds import cli, dist
 from dat_ds.trainer import train
 
 
+def parser():
+    return cli.parser(__doc__.splitlines()[0], dataset="cifar10", backbone="preactresnet18", eps=8 / 255,
+                      alpha=None, steps=None, eval_steps=10, epochs=100, output_dir="runs/cifar_dat")
+
+
 def main():
-    args = cli.parser(__doc__.splitlines()[0], dataset="cifar10", backbone="preactresnet18", eps=8 / 255,
-                      alpha=None, steps=None, eval_steps=10, epochs=100,
-                      output_dir="runs/cifar_dat").parse_args()
+    args = parser().parse_args()
     if args.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"--dataset must be cifar10 or cifar100 for this recipe, got {args.dataset!r}")
     summary = train(cli.train_config(args))

@@ -29,33 +29,38 @@ STEPS_SWEEP = (1, 2, 5, 10, 20, 50)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="run folder, its checkpoints/ folder, a tag folder or a model-states file")
-    p.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
+    p.add_argument("--output-dir", default=None, help="where the results go (default: <run folder>/eval)")
     g = p.add_argument_group("model and data (default: what the checkpoint records)")
     g.add_argument("--backbone", default=None,
-                   help="rebuild the model as this backbone instead (NAME, timm:NAME or transformers:PATH)")
+                   help="rebuild the model as this backbone instead (NAME, timm:NAME or transformers:PATH; "
+                        "default: the checkpoint's)")
     g.add_argument("--weights", default="ema", choices=("ema", "raw"),
                    help="ema: the weights' moving average when the run kept one (ds_config \"ema\"), else the "
                         "weights; raw: the optimizer's weights")
     g.add_argument("--stem", default=None, choices=("auto", "small", "native"),
-                   help="rebuild with this stem instead")
-    g.add_argument("--dataset", default=None, help=" | ".join(dataset_names()))
-    g.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR, imagefolder)")
-    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only the first N test samples")
+                   help="rebuild with this stem instead (default: the checkpoint's)")
+    g.add_argument("--dataset", default=None,
+                   help="evaluate on this dataset instead (default: the checkpoint's): " + " | ".join(dataset_names()))
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset files (default: the dataset's own place; CIFAR and imagefolder "
+                        "need it)")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="use only the first N test samples (default: all)")
     g.add_argument("--classes", default=None, metavar="IDS",
                    help="class subset, e.g. 0-4 (default: the checkpoint's --classes when --dataset is its dataset)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch; batches are dealt to ranks in turn (default: the run's --eval-batch-size, "
                         "so the PGD column at its --eval-steps reproduces the run's reported RA; 256 without one)")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank (0)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     g = p.add_argument_group("threat model and attacks")
     g.add_argument("--norm", default=None, choices=NORMS, help="threat model (default: the training attack's norm)")
     g.add_argument("--eps", type=cli.number, default=None, help="radius, e.g. 8/255 (default: the training eps)")
-    g.add_argument("--pgd-steps", type=int, nargs="+", default=[10, 50], metavar="K", help="PGD-K evaluations (10 50)")
+    g.add_argument("--pgd-steps", type=int, nargs="+", default=[10, 50], metavar="K", help="PGD-K evaluations")
     g.add_argument("--restarts", type=int, nargs="+", default=[1], metavar="R",
-                   help="random restarts: one value for all --pgd-steps, or one per entry (1)")
+                   help="random restarts: one value for all --pgd-steps, or one per entry")
     g.add_argument("--alpha", type=cli.number, default=None, help="PGD step size (default 2.5 eps / K)")
     g.add_argument("--eps-sweep", type=cli.number, nargs="*", default=None, metavar="EPS",
                    help=f"PGD-K (first --pgd-steps) at each eps; default --eps x {EPS_SWEEP}; no values: off")
@@ -63,15 +68,17 @@ def parser() -> argparse.ArgumentParser:
                    help=f"PGD at --eps with each number of steps (default {' '.join(map(str, STEPS_SWEEP))}); "
                         "no values: off")
     g.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=True,
-                   help="AutoAttack (pyautoattack) at --eps (default: on)")
+                   help="AutoAttack (pyautoattack) at --eps")
     g.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"),
-                   help="AutoAttack's attack set (standard: APGD-CE, APGD-T, FAB-T, Square)")
+                   help="AutoAttack's attack set: standard: APGD-CE, APGD-T, FAB-T, Square; plus: adds APGD-DLR and "
+                        "untargeted FAB, 5 restarts each; rand: APGD-CE and APGD-DLR averaged over 20 draws (EOT), "
+                        "for randomized models")
     g.add_argument("--seed", type=int, default=None,
                    help="seeds the attacks' random starts, per batch, not per rank (default: the run's --seed, as its "
                         "per-epoch check used; 0 without one)")
     g = p.add_argument_group("logging")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
-    g.add_argument("--wandb-project", default="dat-ds", help="W&B project (dat-ds)")
+    g.add_argument("--wandb-project", default="dat-ds", help="W&B project")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     return p

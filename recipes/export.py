@@ -23,7 +23,7 @@ from dat_ds.models.export import export_model, writable_folder
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="run folder, its checkpoints/ folder, a tag folder or a model-states file")
     p.add_argument("--out", required=True, help="folder to write the exported files into (created if missing)")

@@ -14,9 +14,13 @@ from dat_ds import cli, dist
 from dat_ds.trainer import train
 
 
+def parser():
+    return cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", eps=0.1,
+                      alpha=None, steps=None, epochs=5, output_dir="runs/fashion_mnist_dat")
+
+
 def main():
-    args = cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", eps=0.1,
-                      alpha=None, steps=None, epochs=5, output_dir="runs/fashion_mnist_dat").parse_args()
+    args = parser().parse_args()
     summary = train(cli.train_config(args))
     if dist.is_main():
         cli.print_summary(summary)

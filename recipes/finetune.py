@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the new head's LR is M times the schedule's (the pre-trained layers: 1 times); LAMB bounds a "
                         "step to about lr x the weight norm, slow for a fresh head")
     p.set_defaults(backbone=None, stem=None)  # None: the checkpoint's
+    for flag in ("--backbone", "--stem"):
+        p._option_string_actions[flag].help += " (default: the checkpoint's)"
     return p
 
 

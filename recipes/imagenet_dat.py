@@ -15,11 +15,15 @@ from dat_ds import cli, dist
 from dat_ds.trainer import train
 
 
-def main():
-    args = cli.parser(__doc__.splitlines()[0], dataset="imagefolder", backbone="resnet50", eps=2 / 255,
+def parser():
+    return cli.parser(__doc__.splitlines()[0], dataset="imagefolder", backbone="resnet50", eps=2 / 255,
                       alpha=None, steps=None, eval_steps=10, epochs=30, img_size=224, num_workers=8,
                       eval_batch_size=128, deepspeed_config="ds_configs/imagenet_lamb_bf16.json",
-                      output_dir="runs/imagenet_dat").parse_args()
+                      output_dir="runs/imagenet_dat")
+
+
+def main():
+    args = parser().parse_args()
     if args.steps is None and args.attack in ("pgd", "pgd_l2"):
         args.steps = 4  # the DAT code's ImageNet choice
     summary = train(cli.train_config(args))

@@ -38,9 +38,10 @@ def parser():
     g.add_argument("--unlabeled-fraction", type=float, default=0.5,
                    help="share of every micro-batch drawn from the pseudo-labeled pool (0: labeled data only)")
     g.add_argument("--pseudo-labels", default=None, metavar="FILE.npz",
-                   help="pseudo-label file, reused if present; None: <output-dir>/pseudo_labels.npz")
+                   help="pseudo-label file, reused if present (default: <output-dir>/pseudo_labels.npz)")
     g.add_argument("--teacher", default=None, metavar="CHECKPOINT",
-                   help="standard model that labels the pool; None: train one here on the labeled data")
+                   help="standard model that labels the pool (default: one trained here on the labeled data, "
+                        "into <output-dir>/teacher)")
     g.add_argument("--teacher-epochs", type=int, default=3, help="epochs of the teacher trained here (no attack)")
     g.add_argument("--min-confidence", type=float, default=0.0,
                    help="drop pseudo-labels whose teacher confidence is below this")

@@ -16,7 +16,7 @@ from dat_ds import cli, dist
 from dat_ds.trainer import train
 
 
-def build_parser():
+def parser():
     # --sigma and --noise-copies are settings of the smooth attack and loss: the flags come with them
     return cli.parser(__doc__.splitlines()[0], dataset="fashion_mnist", backbone="resnet18", attack="smooth_pgd_l2",
                       loss="smooth", eps=0.5, steps=2, sigma=0.25, noise_copies=4, epochs=5,
@@ -24,7 +24,7 @@ def build_parser():
 
 
 def main():
-    args = build_parser().parse_args()
+    args = parser().parse_args()
     cfg = cli.train_config(args)
     if "sigma" not in cfg.attack_kwargs and "sigma" not in cfg.loss_kwargs:
         raise ValueError(f"--attack {args.attack} with --loss {args.loss} uses no noise; "

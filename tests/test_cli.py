@@ -1,0 +1,114 @@
+"""The recipes' command lines as a user meets them: --help says what every flag does and its default,
+a refused command line is a short usage line and one error naming the closest flag, and under the
+launcher an error is printed once per job, not once per rank."""
+import argparse
+import importlib.util
+import re
+import sys
+
+import pytest
+
+from conftest import ROOT, run_deepspeed
+
+RECIPES = sorted((ROOT / "recipes").glob("*.py"))
+LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # the deepspeed launcher's own log lines
+
+
+def recipe(path):
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flags(parser):
+    """``(action, its --help text)`` for every flag a user can give."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
+            yield action, formatter._expand_help(action) if action.help else ""
+
+
+def _described(choice, text) -> bool:
+    """``text`` says what ``choice`` does: ``choice: ...``."""
+    return re.search(rf"(?<![\w-]){re.escape(str(choice))}:", text) is not None
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_flag_says_what_it_does_and_its_default(path):
+    parser = recipe(path).parser()
+    for action, text in flags(parser):
+        flag = "/".join(action.option_strings)
+        assert len(text.split()) >= 3, f"{path.name} {flag}: no help text"
+        default = action.default
+        if not any(default is none for none in (None, False, argparse.SUPPRESS)) and default != []:
+            shown = [str(default)] + ([" ".join(map(str, default))] if isinstance(default, (list, tuple)) else [])
+            assert any(s in text for s in shown), f"{path.name} {flag}: --help does not show the default {default!r}"
+        if action.choices and sum(_described(c, text) for c in action.choices) >= 2:  # it describes the choices
+            missing = [c for c in action.choices if not _described(c, text)]
+            assert not missing, f"{path.name} {flag}: the help describes some choices but not {missing}"
+
+
+def test_training_flags_read_as_what_they_do():
+    from dat_ds import attacks, compress, objectives
+    parser = recipe(ROOT / "recipes" / "fashion_mnist_dat.py").parser()
+    texts = {a.dest: t for a, t in flags(parser)}
+    assert parser.parse_args([]).early_stop is True and parser.parse_args(["--no-early-stop"]).early_stop is False
+    assert parser.parse_args(["--early-stop"]).early_stop is True
+    for dest, registry in (("attack", attacks.ATTACKS), ("loss", objectives.OBJECTIVES),
+                           ("compressor", compress.COMPRESSORS)):
+        assert all(f"{name}: " in texts[dest] for name in registry.names()), texts[dest]
+    assert "hf:" in texts["img_size"] and "imagefolder" in texts["img_size"]
+
+
+def run_in_process(script, argv, monkeypatch, capsys):
+    """``cli.run(main)`` of a recipe in this process: ``(exit code, stderr lines)``."""
+    from dat_ds import cli
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(recipe(ROOT / "recipes" / script).main)
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("fashion_mnist_dat.py", ["--epocs", "2"], "unrecognized arguments: --epocs 2 (did you mean --epochs?)"),
+    ("fashion_mnist_dat.py", ["--attack", "pgdd"], "argument --attack: invalid choice: 'pgdd' (choose from"),
+    ("evaluate.py", ["--chekpoint", "runs/x"], "unrecognized argument --chekpoint (did you mean --checkpoint?)"),
+    ("evaluate.py", ["--checkpoint", "runs/x", "--no-autoatack"],
+     "unrecognized arguments: --no-autoatack (did you mean --no-autoattack?)"),
+    ("export.py", ["--checkpoint", "x", "--out", "y", "--outt", "z"], "(did you mean --out?)"),
+])
+def test_a_refused_command_line_is_one_usage_line_and_one_error(monkeypatch, capsys, script, argv, message):
+    code, lines = run_in_process(script, argv, monkeypatch, capsys)
+    assert code == 2 and len(lines) == 2, lines
+    assert lines[0] == f"usage: {script} [options]  ({script} --help lists them)"
+    assert lines[1].startswith(f"{script}: error: ") and message in lines[1], lines
+    if "invalid choice" in message:
+        assert lines[1].endswith("(did you mean 'pgd'?)")
+
+
+def recipe_lines(result) -> list:
+    """What the ranks printed, without the launcher's log lines."""
+    out = (result.stdout + result.stderr).splitlines()
+    return [line for line in out if line.strip() and not LAUNCHER_LOG.match(line)]
+
+
+def test_under_the_launcher_a_shared_error_is_printed_once_and_alone(tmp_path):
+    r = run_deepspeed(ROOT / "recipes" / "fashion_mnist_dat.py",
+                      ["--data-dir", "/nonexistent/fmnist", "--output-dir", tmp_path / "out"], timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert recipe_lines(r) == ["fashion_mnist_dat.py: error: --data-dir /nonexistent/fmnist does not exist"], \
+        r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_under_the_launcher_an_error_of_one_rank_is_shown_with_its_rank(tmp_path):
+    plugin = tmp_path / "one_rank_fails.py"
+    plugin.write_text('import os\nif os.environ["RANK"] == "1":\n    raise ValueError("rank-local disk is full")\n')
+    r = run_deepspeed(ROOT / "recipes" / "fashion_mnist_dat.py",
+                      ["--plugin", plugin, "--train-limit", "64", "--output-dir", tmp_path / "out"], timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    errors = [line for line in recipe_lines(r) if "error" in line]
+    assert errors == ["fashion_mnist_dat.py: error: rank 1: rank-local disk is full"], \
+        r.stdout[-3000:] + r.stderr[-3000:]
