@@ -263,3 +263,40 @@ def test_a_compiled_channels_last_run_trains_to_eagers_accuracy(tmp_path):
     assert eager["clean_acc"] > 0.5
     assert abs(fast["clean_acc"] - eager["clean_acc"]) < 0.05
     assert abs(fast["robust_acc"] - eager["robust_acc"]) < 0.05
+
+
+# --- ConAdv's second stream ------------------------------------------------------------------------
+
+class OnTheGPU:
+    """Stands for a batch on a CUDA device where only ``is_cuda`` is asked."""
+    is_cuda = True
+
+
+def test_conadv_takes_a_second_stream_only_where_it_pays(monkeypatch):
+    """auto: a second CUDA stream beside the update only in a multi-rank run (where the update
+    waits on the gradient exchange); one rank runs the attack in sequence; never on the CPU."""
+    cpu = torch.rand(2, 3, 4, 4)
+    auto, on, off = (attacks.create("conadv", eps=0.1, side_stream=m) for m in ("auto", "on", "off"))
+    assert not auto.overlaps(OnTheGPU()) and on.overlaps(OnTheGPU()) and not off.overlaps(OnTheGPU())
+    assert not any(a.overlaps(cpu) for a in (auto, on, off))
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    assert auto.overlaps(OnTheGPU()) and not off.overlaps(OnTheGPU())
+    with pytest.raises(ValueError, match="--side-stream must be one of auto, on, off, got 'sometimes'"):
+        TrainConfig(attack="conadv", attack_kwargs={"side_stream": "sometimes"}).validate()
+    from dat_ds import cli
+    args = cli.parser("t").parse_args(["--attack", "conadv", "--side-stream", "off"])
+    assert cli.train_config(args).attack_kwargs["side_stream"] == "off"
+    assert "second CUDA stream" in cli.parser("t").format_help()
+
+
+@pytest.mark.gpu
+def test_conadv_in_sequence_and_on_a_second_stream_give_the_same_batches():
+    model = tiny().cuda()
+    x, y = torch.rand(8, 3, 16, 16, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    out = []
+    for mode in ("on", "off"):
+        torch.manual_seed(0)
+        attack = attacks.create("conadv", eps=0.05, side_stream=mode)
+        assert attack.overlaps(x) == (mode == "on")
+        out.append(attack.collect(attack.launch(model, x, y)))
+    torch.testing.assert_close(out[0], out[1])

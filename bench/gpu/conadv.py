@@ -1,6 +1,7 @@
-"""ConAdv's overlap: the share of the attack's time hidden behind the update on a second CUDA stream,
-``(attack alone + update alone - ConAdv step) / attack alone``, all three measured side by side
-(in sequence on the CPU: no overlap expected)."""
+"""ConAdv's overlap: the share of the attack's time hidden behind the update on a second CUDA stream
+(``side_stream="on"``), ``(attack alone + update alone - ConAdv step) / attack alone``, all three
+measured side by side (in sequence on the CPU: no overlap expected). A negative overlap is why
+``side_stream="auto"`` keeps a one-rank run in sequence."""
 from __future__ import annotations
 
 from dat_ds import attacks
@@ -13,6 +14,7 @@ def conadv_overlap(b: Bench, plan: Plan, clock: Clock) -> dict:
     ``collect`` of a separate instance: snapshot and PGD, nothing beside it) and a natural update."""
     kw = dict(next(kw for _, name, kw in METHODS if name == "conadv"))
     alone = attacks.create("conadv", **kw)
+    kw["side_stream"] = "on"  # what the second stream does (auto keeps one rank in sequence)
 
     def attack_alone(n):
         with b.autocast():

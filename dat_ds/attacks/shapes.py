@@ -100,7 +100,8 @@ class Replay(StepShape):
 class LookAhead(StepShape):
     """ConAdv: minibatch t + 1 is attacked with the weights before update t, beside it.
 
-    The attack exposes ``launch(model, x, y) -> handle`` and ``collect(handle) -> x_adv``.
+    The attack exposes ``launch(model, x, y) -> handle``, ``collect(handle) -> x_adv`` and
+    ``overlaps(x)`` (whether it runs beside the update, on a second CUDA stream).
     ``ctx.carry["pending"]`` holds the look-ahead minibatch and its attack while a minibatch
     trains; a checkpoint saves it as ``x, y, x_adv`` and a resumed epoch starts from it.
     """
@@ -126,9 +127,9 @@ class LookAhead(StepShape):
 
     @staticmethod
     def _launch(ctx, attack, x, y):
-        """Start the attack; on a GPU it runs on a side stream, so the time is its own events
+        """Start the attack; on a side stream (``attack.overlaps(x)``) the time is its own events
         there (the main stream only sees the enqueue), read when the timers are."""
-        if x.is_cuda:
+        if attack.overlaps(x):
             with ctx.autocast():
                 handle = attack.launch(ctx.model, x, y)
             if handle[2] is not None:
