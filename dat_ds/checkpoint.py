@@ -275,12 +275,15 @@ def verify_checkpoint(tag_dir: Path, marker: dict) -> Optional[str]:
     return None
 
 
-def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: int, warn=None) -> Optional[Tuple[str, dict]]:
+def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: Optional[int] = None, warn=None
+                    ) -> Optional[Tuple[str, dict]]:
     """The newest complete, intact checkpoint in ``ckpt_dir`` as ``(tag, marker)``; None when there
     is none at all.
 
     Incomplete checkpoints (no marker: the save was interrupted) and damaged ones are skipped,
-    each with a line to ``warn``; one written for another model or world size is refused.
+    each with a line to ``warn``; one written for another model is refused. One written by another
+    number of ranks is taken (:func:`dat_ds.trainer.state.resume` maps its per-rank state);
+    ``world_size`` is accepted for old callers and not used.
     """
     ckpt_dir = Path(ckpt_dir)
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -293,7 +296,7 @@ def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: int, warn=None) -> O
             warn(f"--resume: ignoring incomplete checkpoint {path} (its save did not finish)")
     problems = []
     for tag, marker in complete:
-        _check_same_model(ckpt_dir / tag, marker, meta, world_size)
+        _check_same_model(ckpt_dir / tag, marker, meta)
         problem = verify_checkpoint(ckpt_dir / tag, marker)
         if problem is None:
             if problems:
@@ -310,16 +313,12 @@ def pick_checkpoint(ckpt_dir: Path, meta: dict, world_size: int, warn=None) -> O
 MODEL_KEYS = ("backbone", "stem", "dataset", "num_classes", "in_chans", "img_size", "classes")
 
 
-def _check_same_model(tag_dir: Path, marker: dict, meta: dict, world_size: int) -> None:
+def _check_same_model(tag_dir: Path, marker: dict, meta: dict) -> None:
     saved = marker.get("meta", {})
     for key in MODEL_KEYS:
         if key in saved and key in meta and saved[key] != meta[key]:
             raise ConfigError(f"--resume: checkpoint {tag_dir} has {key} {saved[key]!r}, this run {meta[key]!r}; "
                             f"it belongs to another model (use another --output-dir)")
-    if marker.get("world_size", world_size) != world_size:
-        raise ConfigError(f"--resume: checkpoint {tag_dir} was written by {marker['world_size']} ranks, this run has "
-                        f"{world_size}; resume with {marker['world_size']} (per-rank RNG, data position and "
-                        f"compressor state)")
 
 
 def load_error_reason(err: BaseException) -> str:
@@ -332,8 +331,10 @@ def load_error_reason(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None) -> Optional[Tuple[dict, dict]]:
+def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None, own_rank: bool = True
+                    ) -> Optional[Tuple[dict, dict]]:
     """Restore engine, optimizer, schedule and this rank's RNG from ``tag`` (default: ``latest``).
+    ``own_rank=False`` (a checkpoint of another number of ranks) leaves ``rank{r}.pt`` unread.
 
     Returns ``(client_state, rank_state)``, or None when there is no checkpoint. Every file is
     read with ``weights_only=True``: a file that would run code when unpickled is refused.
@@ -345,7 +346,7 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: Optional[str] = None) -> Option
     try:
         _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         rank_file = where / f"rank{dist.rank()}.pt"
-        rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
+        rank_state = torch.load(rank_file, weights_only=True) if own_rank and rank_file.is_file() else {}
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise ConfigError(f"checkpoint {where} refused: not a plain tensor checkpoint or damaged "
                         f"({load_error_reason(err)})") from None

@@ -63,6 +63,10 @@ class Compressor(abc.ABC):
     name = "base"
     internal_settings: Tuple[str, ...] = ("generator",)
     state_names: Tuple[str, ...] = ()
+    # state that belongs to this rank's share of the exchange (a shard it serves): it restarts at
+    # zero when a run resumes on another number of ranks, where the shares are cut differently
+    shard_state: Tuple[str, ...] = ()
+    _relayout = False  # True after load_merged_state: buffers may come from another world's layout
 
     @abc.abstractmethod
     def encode(self, tensor: torch.Tensor):
@@ -125,10 +129,40 @@ class Compressor(abc.ABC):
             generator.set_state(state["generator"])
         self._state = {k: torch.as_tensor(v).detach().clone().float() for k, v in state.items() if k != "generator"}
 
+    @classmethod
+    def merge_states(cls, states: Sequence[dict]) -> dict:
+        """The state every rank of a new world starts from, given each old rank's (a run resumed on
+        another number of ranks). Each rank's floating-point state (error-feedback residuals,
+        momentum) enters the exchange's average, so every new rank takes the old ranks' mean: the
+        average the exchange sees is preserved. State that is the same on every rank (PowerSGD's
+        projection, counters) is unchanged by the mean. A generator's stream is not copied: each
+        new rank keeps the stream it was created with, so no two ranks draw the same numbers.
+        ``shard_state`` restarts at zero. Buffers sized for the old world's padding are cut or
+        zero-padded to this world's when first used (:meth:`load_merged_state`)."""
+        merged = {}
+        for key in states[0]:
+            if key == "generator" or key in cls.shard_state:
+                continue
+            values = [torch.as_tensor(s[key]) for s in states]
+            merged[key] = torch.stack(values).mean(0) if values[0].is_floating_point() else values[0]
+        return merged
+
+    def load_merged_state(self, state: dict) -> None:
+        """Load :meth:`merge_states`'s result: buffers laid out for another world size (padding) are
+        cut or zero-padded to this exchange's size when first used (the values that matter, one per
+        gradient entry, come first in every layout)."""
+        self.load_state_dict(state)
+        self._relayout = True
+
     def _buffer(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """The state buffer ``name`` (fp32, zeros at first), checked against this exchange's size."""
         state = self._state_buffers()
         buf = state.get(name)
+        if buf is not None and buf.numel() != numel and self._relayout:
+            fitted = torch.zeros(numel, dtype=torch.float32, device=like.device)
+            keep = min(numel, buf.numel())
+            fitted[:keep] = buf.reshape(-1)[:keep].to(like.device)
+            buf = state[name] = fitted
         if buf is None:
             buf = state[name] = torch.zeros(numel, dtype=torch.float32, device=like.device)
         elif buf.numel() != numel:

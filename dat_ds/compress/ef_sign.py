@@ -32,6 +32,7 @@ class ErrorFeedbackSign(_Compressed):
 
     name = "ef_sign"
     state_names = ("worker_error", "server_error")
+    shard_state = ("server_error",)
     _bits = 1
 
     def __init__(self, bucket_size: int = 2048, topology: str = "one-sided", byzantine_ranks: Sequence[int] = (),

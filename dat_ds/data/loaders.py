@@ -1,12 +1,11 @@
 """Rank-sharded samplers and the training / evaluation data loaders."""
 from __future__ import annotations
 
-import itertools
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ShardSampler(Sampler[int]):
@@ -22,22 +21,43 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can begin an epoch part-way: after ``set_epoch(e, skip)`` it
-    yields this rank's order for epoch ``e`` without its first ``skip`` indices (the batches a
-    checkpoint has already trained on). The order itself does not depend on ``skip``."""
+class ResumableSampler(Sampler[int]):
+    """Shuffled, rank-sharded order of an epoch that can begin part-way, on any number of ranks.
 
-    skip = 0
+    The epoch's order is one permutation of the dataset, seeded by ``seed + epoch`` (as
+    ``DistributedSampler``'s), dealt to the ranks in turn: rank ``r`` of ``W`` reads positions
+    ``r, r + W, ...``, the ragged end dropped. After ``set_epoch(e, consumed=P)`` the first ``P``
+    positions (what the ranks of a checkpoint trained, counted over all of them) are left out and
+    the rest is dealt to this world's ranks, so a run resumed on another number of ranks goes on
+    with exactly the samples not yet trained. On the same world, ``consumed = k * W`` is the
+    rank's own order without its first ``k`` indices (``set_epoch(e, skip=k)``), bit for bit
+    ``DistributedSampler(drop_last=True)``'s.
+    """
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.skip = skip
+    elastic = True  # set_epoch takes ``consumed``: resumable on another number of ranks
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0):
+        self.length, self.num_replicas, self.rank, self.shuffle, self.seed = len(dataset), num_replicas, rank, \
+            shuffle, seed
+        self.epoch = self.consumed = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0, consumed: Optional[int] = None) -> None:
+        """Epoch ``epoch`` without its first ``consumed`` positions (default ``skip`` per rank)."""
+        self.epoch = epoch
+        self.consumed = skip * self.num_replicas if consumed is None else consumed
+
+    def order(self) -> torch.Tensor:
+        """The epoch's permutation of the dataset (the same on every rank and world size)."""
+        if not self.shuffle:
+            return torch.arange(self.length)
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
     def __len__(self) -> int:
-        return super().__len__() - self.skip
+        return max(0, self.length - self.consumed) // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        end = self.consumed + len(self) * self.num_replicas
+        return iter(self.order()[self.consumed + self.rank:end:self.num_replicas].tolist())
 
 
 def loader_seed(seed: int, epoch: int, rank: int) -> int:
@@ -46,8 +66,9 @@ def loader_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Point a :func:`train_loader` at ``epoch``, ``skip_batches`` batches in.
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0, consumed: Optional[int] = None) -> None:
+    """Point a :func:`train_loader` at ``epoch``, ``skip_batches`` batches in (or, for a sampler
+    that can resume on another world size, past the first ``consumed`` samples of the epoch's order).
 
     The loader draws its worker seeds from its own generator, reseeded here from the run's seed,
     the epoch and the rank (:func:`loader_seed`): worker k of every rank draws its own
@@ -55,7 +76,10 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     restores), and a resumed epoch gives its workers the same seeds.
     """
     # batch_size None: the sampler yields whole batches (e.g. labeled + pseudo-labeled), so it skips batches
-    loader.sampler.set_epoch(epoch, skip_batches * (loader.batch_size or 1))
+    if consumed is not None:
+        loader.sampler.set_epoch(epoch, consumed=consumed)
+    else:
+        loader.sampler.set_epoch(epoch, skip_batches * (loader.batch_size or 1))
     loader.generator.manual_seed(loader_seed(loader.sampler.seed, epoch, loader.sampler.rank))
 
 
@@ -107,7 +131,7 @@ def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed:
     if len(ds) < batch_size * world_size:
         raise ValueError(f"the training set has {len(ds)} samples, fewer than one global batch "
                          f"({batch_size} x {world_size} ranks); raise --train-limit or lower the batch size")
-    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     # workers start afresh every epoch (not persistent): persistent ones keep the RNG of the epoch
     # they started in, so a run resumed at epoch e would not draw the augmentations it drew before
     return DataLoader(raw_batches(ds), batch_size=batch_size, sampler=sampler, drop_last=True,

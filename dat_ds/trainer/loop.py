@@ -31,9 +31,17 @@ class EpochState:
     done: int = 0  # minibatches trained
     drawn: int = 0  # minibatches taken from the loader (a look-ahead shape holds one more, in ``carry``)
     carry: dict = field(default_factory=dict)
+    # a pass resumed on another number of ranks: at ``done_base`` minibatches, ``consumed_base``
+    # samples of the epoch's order had been trained (dat_ds.data.ResumableSampler counts in samples)
+    consumed_base: int = 0
+    done_base: int = 0
 
     def where(self) -> str:
         return f"epoch {self.epoch}, batch {self.done}"
+
+    def consumed(self, minibatches: int, samples_per_minibatch: int) -> int:
+        """Samples of the epoch's order (over all ranks) behind ``minibatches`` of this pass."""
+        return self.consumed_base + (minibatches - self.done_base) * samples_per_minibatch
 
 
 class Totals:

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from .. import attacks, buffers, dist, ema, faults
@@ -21,19 +19,15 @@ from ..evaluate import evaluate
 from ..guard import StepGuard, StopRequested, StopSignal
 from .. import speed
 from ..metrics import RunLogger
+from ..seeding import seed_everything
 from ..timing import Timers
 from ..models import create_model
 from . import state as ckpt
 from .config import TrainConfig
 from .holdout import OverfitWatch, holdout_check
 from .loop import EpochState, Totals, train_epoch
+from .elastic import adapt_batch, place_in_pass, remap_schedule
 from .plan import PassPlan, plan_passes
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -67,6 +61,7 @@ class Run:
     last_save: int = 0
     bad_seen: int = 0  # unreadable samples this rank had met when the last epoch ended
     ema: Optional[ema.WeightEma] = None  # the ds_config's "ema": evaluation uses its weights
+    picked: Optional[tuple] = None  # (tag, marker) of the checkpoint --resume takes
 
     @property
     def passes(self) -> int:
@@ -92,8 +87,12 @@ def train(cfg: TrainConfig, data: Optional[DatasetInfo] = None, loader_fn: Optio
 def _train(run: Run, cfg: TrainConfig) -> dict:
     begin, partial = EpochState(), None
     if cfg.resume:
-        begin, partial = ckpt.resume(run.engine, run.ckpt_dir, run.meta, run.attack, run.compressor, run.progress,
-                                     run.guard, run.ema)
+        begin, partial = ckpt.resume(run.engine, run.ckpt_dir, run.picked, run.attack, run.compressor, run.progress,
+                                     run.guard, run.ema, cfg.seed)
+        if run.picked is not None:
+            saved_batch = run.picked[1].get("meta", {}).get("batch", {})
+            remap_schedule(run.engine, saved_batch.get("global", run.global_batch), run.global_batch)
+            begin = place_in_pass(begin, run.plan, run.micro * dist.world_size())
     logger = faults.run_agreed(lambda: RunLogger(
         run.out, dataclasses.asdict(cfg) | {"world_size": dist.world_size(), "global_batch_size": run.global_batch,
                                             "passes": run.passes},
@@ -131,11 +130,20 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     ds_cfg = load_config(cfg.deepspeed_config)
     dist.init(timeout=cfg.comm_timeout)
     rank, world = dist.rank(), dist.world_size()
-    micro, gas, global_batch = resolve_batch(ds_cfg, world)
     cfg.validate_world(world)
     data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size,
                                 cfg.classes, **cfg.dataset_kwargs)
     train_set, holdout_set = data.train.split_off(cfg.default_holdout(len(data.train)))
+    out = Path(cfg.output_dir)
+    meta = {"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
+            "eval": {"seed": cfg.seed, "batch_size": cfg.eval_batch_size, "steps": cfg.eval_steps,
+                     "limit": cfg.eval_limit}, **data.meta()}
+    picked = ckpt.pick(out / "checkpoints", meta) if cfg.resume else None
+    micro, gas, global_batch = resolve_batch(ds_cfg, picked[1].get("world_size", world) if picked else world)
+    ds_cfg, gas, global_batch, note = adapt_batch(ds_cfg, world, micro, gas, picked and picked[1])
+    if note and rank == 0:
+        print(note, flush=True)
+    meta["batch"] = {"micro": micro, "gas": gas, "global": global_batch, "world_size": world}
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
     model = create_model(cfg.backbone, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
@@ -154,7 +162,6 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     speed.prepare(engine.module, cfg.channels_last, cfg.compile, engine.device)
     seed_everything(cfg.seed + 1000 * (rank + 1))  # attack noise differs per rank
     stop = StopSignal()
-    out = Path(cfg.output_dir)
     guard = StepGuard(engine, cfg.max_nonfinite, stop, defer=cfg.defer_guard)
     # in the order they were always made (a component may draw from the RNG when it is made)
     eval_spec, objective, compressor = cfg.eval_spec(), cfg.make_objective(), cfg.make_compressor()
@@ -166,10 +173,7 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     return Run(cfg=cfg, ds_cfg=ds_cfg, data=data, engine=engine, attack=attack, eval_spec=eval_spec,
                objective=objective, compressor=compressor, loader=loader, test_set=data.test,
                holdout_set=holdout_set or None, plan=plan, updates_per_minibatch=replays, micro=micro, gas=gas,
-               global_batch=global_batch,
-               meta={"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
-                     "eval": {"seed": cfg.seed, "batch_size": cfg.eval_batch_size, "steps": cfg.eval_steps,
-                              "limit": cfg.eval_limit}, **data.meta()},
+               global_batch=global_batch, meta=meta, picked=picked,
                out=out, ckpt_dir=out / "checkpoints", guard=guard, stop=stop,
                progress=ckpt.Progress(ckpt.RunTotals(), OverfitWatch(cfg.co_drop)), timers=Timers(engine.device),
                saves=SaveRetries(cfg.save_retries), watchdog=faults.Watchdog(cfg.comm_timeout),
@@ -180,7 +184,14 @@ def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch])
     """Train one pass from ``state`` (part-way when resumed), evaluate, and fill ``run.progress.row``;
     returns the held-out check."""
     engine = run.engine
-    start_epoch(run.loader, state.epoch, state.drawn)
+    if getattr(run.loader.sampler, "elastic", False):  # counts in samples: resumable on another world size
+        start_epoch(run.loader, state.epoch, consumed=state.consumed(state.drawn, run.micro * dist.world_size()))
+    elif state.consumed_base:
+        raise ValueError("--resume on another number of ranks inside an epoch needs a sampler that counts samples "
+                         "(dat_ds.data.ResumableSampler); resume on the checkpoint's number of ranks, or from an "
+                         "epoch's end")
+    else:
+        start_epoch(run.loader, state.epoch, state.drawn)
     totals = Totals(engine.device)
     if partial is not None:
         totals.load_state_dict(partial.totals)

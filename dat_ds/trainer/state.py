@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
+import torch
+
 from .. import dist
+from ..seeding import derived_seed, seed_everything
 from ..engine import ConfigError, load_checkpoint, pick_checkpoint, save_checkpoint
 from .holdout import OverfitWatch
 from .loop import EpochState, Totals
@@ -36,6 +39,7 @@ class ClientState:
     metrics: dict  # the last epoch's metrics row
     watch: dict  # the held-out check's state (best epoch)
     nonfinite_consecutive: int = 0
+    consumed: Optional[int] = None  # inside an epoch: samples of its order trained, over all ranks
 
     def to_dict(self) -> dict:
         return {**asdict(self), "position": list(self.position)}
@@ -44,7 +48,7 @@ class ClientState:
     def from_dict(cls, d: dict) -> "ClientState":
         position = d.get("position") or (d["epoch"] + 1, 0)
         return cls(d["epoch"], tuple(position), RunTotals(**d["totals"]), d.get("meta", {}), d.get("metrics") or {},
-                   d.get("watch", {}), d.get("nonfinite_consecutive", 0))
+                   d.get("watch", {}), d.get("nonfinite_consecutive", 0), d.get("consumed"))
 
 
 @dataclass
@@ -123,34 +127,58 @@ def save(engine, ckpt_dir: Path, state: EpochState, progress: Progress, meta: di
     """A checkpoint at ``state``: an epoch's end when ``state.done == 0`` (of the next epoch)."""
     epoch_end = rank.partial is None
     tag = f"epoch{state.epoch - 1:04d}" if epoch_end else f"epoch{state.epoch:04d}-batch{state.done:06d}"
+    batch = meta.get("batch", {})
+    consumed = None if epoch_end else state.consumed(state.done, batch.get("micro", 0) * batch.get("world_size", 0))
     client = ClientState(state.epoch - 1, (state.epoch, state.done), progress.totals, meta, progress.row,
-                         vars(progress.watch), guard.consecutive)
+                         vars(progress.watch), guard.consecutive, consumed)
     save_checkpoint(engine, ckpt_dir, tag, client.to_dict(), rank.to_dict(), best=best,
                     position=(state.epoch, state.done))
 
 
-def resume(engine, ckpt_dir: Path, meta: dict, attack, compressor, progress: Progress, guard, ema=None
-           ) -> Tuple[EpochState, Optional[PartialEpoch]]:
-    """Load the newest complete checkpoint into the engine, the attack, the compressor, ``progress``
-    and ``guard``; returns where to start and the partial epoch (None at an epoch's end)."""
+def pick(ckpt_dir: Path, meta: dict) -> Optional[Tuple[str, dict]]:
+    """``(tag, marker)`` of the checkpoint ``--resume`` takes (rank 0 picks, every rank gets its
+    answer), or None when there is none; refusals raise :class:`ConfigError` on every rank."""
     picked = None
     if dist.is_main():
         try:
-            picked = pick_checkpoint(ckpt_dir, meta, dist.world_size())
+            picked = pick_checkpoint(ckpt_dir, meta)
         except ConfigError as err:
             picked = str(err)
     picked = dist.broadcast_object(picked)
     if isinstance(picked, str):
         raise ConfigError(picked)
+    return picked
+
+
+def resume(engine, ckpt_dir: Path, picked: Optional[Tuple[str, dict]], attack, compressor, progress: Progress,
+           guard, ema=None, seed: int = 0) -> Tuple[EpochState, Optional[PartialEpoch]]:
+    """Load checkpoint ``picked`` into the engine, the attack, the compressor, ``progress`` and
+    ``guard``; returns where to start and the partial epoch (None at an epoch's end).
+
+    Written by another number of ranks, each new rank's state is mapped from the old ranks' (see
+    :func:`mapped_rank_state`) and the epoch goes on from the samples its ranks had trained
+    (``EpochState.consumed_base``; the caller turns it into this world's minibatches).
+    """
     if picked is None:
+        if dist.is_main():
+            print(f"--resume: no checkpoint in {ckpt_dir}; starting fresh", flush=True)
         return EpochState(), None
-    client_dict, rank_dict = load_checkpoint(engine, ckpt_dir, picked[0])
-    client, rank = ClientState.from_dict(client_dict), RankState.from_dict(rank_dict)
-    buffers = dict(engine.module.named_buffers())
-    for name, value in rank.buffers.items():
-        buffers[name].data.copy_(value)
+    tag, marker = picked
+    saved_world = marker.get("world_size", dist.world_size())
+    same_world = saved_world == dist.world_size()
+    client_dict, rank_dict = load_checkpoint(engine, ckpt_dir, tag, own_rank=same_world)
+    client = ClientState.from_dict(client_dict)
+    rank = RankState.from_dict(rank_dict) if same_world else mapped_rank_state(
+        Path(ckpt_dir) / tag, saved_world, compressor, seed, engine.global_steps)
+    if same_world:  # pooled at every save: the same on every rank, but kept per rank as written
+        buffers = dict(engine.module.named_buffers())
+        for name, value in rank.buffers.items():
+            buffers[name].data.copy_(value)
     attack.load_state_dict(rank.attack)
-    compressor.load_state_dict(rank.compressor)
+    if same_world:
+        compressor.load_state_dict(rank.compressor)
+    else:
+        compressor.load_merged_state(rank.compressor)
     if ema is not None and rank.ema:
         ema.load_state_dict(rank.ema)
     progress.watch.load_state_dict(client.watch)
@@ -158,7 +186,36 @@ def resume(engine, ckpt_dir: Path, meta: dict, attack, compressor, progress: Pro
     guard.consecutive = client.nonfinite_consecutive
     epoch, done = client.position
     partial = rank.partial if done else None
+    if dist.is_main():
+        print(f"resuming from {Path(ckpt_dir) / tag} (epoch {epoch}, batch {done}, optimizer step "
+              f"{engine.global_steps})", flush=True)
+    if not same_world:
+        saved_batch = marker.get("meta", {}).get("batch", {})
+        consumed = client.consumed if client.consumed is not None else done * saved_batch.get("micro", 0) * saved_world
+        return EpochState(epoch, consumed_base=consumed if done else 0), partial
     begin = EpochState(epoch, done, partial.drawn if partial else 0)
     if done:
+        if client.consumed is not None:
+            begin.consumed_base, begin.done_base = client.consumed, done
         attack.shape.load_carry(_carry_context(engine, begin), rank.carry, engine.device)
     return begin, partial
+
+
+def mapped_rank_state(tag_dir: Path, saved_world: int, compressor, seed: int, step: int) -> RankState:
+    """This rank's state from a checkpoint of ``saved_world`` ranks, by documented rules:
+
+    * RNG streams: re-derived from the run's seed, this rank and the optimizer step (no two
+      ranks, and no two resumes at different steps, share a stream);
+    * BatchNorm statistics and the EMA: pooled at every save, so rank 0's (the same on all);
+    * the compressor's state: :meth:`Compressor.merge_states` (floating-point state averaged,
+      so what the exchange averages is preserved);
+    * the attack's state (Free-m's perturbation, ConAdv's weight history): old rank
+      ``rank mod saved_world``'s; ConAdv's look-ahead batch is not carried over (its samples are
+      trained again from the epoch's order);
+    * the epoch's partial totals (loss, bytes): old rank ``rank mod saved_world``'s.
+    """
+    old = [RankState.from_dict(torch.load(tag_dir / f"rank{r}.pt", weights_only=True)) for r in range(saved_world)]
+    mine = old[dist.rank() % saved_world]
+    seed_everything(derived_seed(seed, dist.rank(), step))
+    return RankState(old[0].buffers, mine.attack, type(compressor).merge_states([o.compressor for o in old]),
+                     mine.partial, {}, old[0].ema)

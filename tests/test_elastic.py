@@ -1,0 +1,121 @@
+"""Resume on another number of ranks: a 2-rank run stopped mid-epoch goes on on 1 and on 3 ranks
+with exactly the samples its ranks had not trained (recorded ids), a stateful compressor's state
+mapped, and the batch and schedule rules of dat_ds.trainer.elastic."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, clean_env, run_deepspeed
+from dat_ds.compress import create
+from dat_ds.data import ResumableSampler
+from dat_ds.dist import free_port
+from dat_ds.engine import COMPLETE
+from dat_ds.trainer.elastic import adapt_batch, place_in_pass
+from dat_ds.trainer.loop import EpochState
+from dat_ds.trainer.plan import plan_passes
+
+RECIPE = ROOT / "recipes" / "fashion_mnist_dat.py"
+N = 640  # training samples; 2 ranks x 32 = 64 per step: 10 steps, a checkpoint every 2
+RUN = ["--plugin", ROOT / "tests" / "scripts" / "id_dataset.py", "--dataset", "fmnist_ids", "--backbone", "test_resnet",
+       "--stem", "native", "--steps", "1", "--eval-steps", "1", "--epochs", "1", "--save-every", "2",
+       "--compressor", "ef_sign", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
+
+
+def epoch_order(n=N, seed=0, epoch=0):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def read_ids(log: Path):
+    """Per rank, the minibatches of indices it read, in order."""
+    return {p.name: [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
+            for p in sorted(log.parent.glob(log.name + ".rank*"))}
+
+
+def stop_after_first_mid_epoch_checkpoint(out, env):
+    """2 ranks, SIGTERM to the launcher's ranks once a mid-epoch checkpoint exists: the run saves
+    at the next minibatch boundary and exits; returns the checkpoint it left."""
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(RECIPE), *map(str, RUN), "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not list((out / "checkpoints").glob(f"epoch0000-batch*/{COMPLETE}")):
+            assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in log, log[-3000:]
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_two_ranks_stopped_mid_epoch_go_on_on_another_number_of_ranks(tmp_path, ranks):
+    out, log = tmp_path / "run", tmp_path / "ids"
+    env = {"DAT_DS_ID_LOG": str(log), "DAT_DS_IDS_TRAIN": str(N)}
+    tag = stop_after_first_mid_epoch_checkpoint(out, env)
+    done = int(tag.split("batch")[1])
+    before = read_ids(log)
+    trained = [i for rank in before.values() for batch in rank[:done] for i in batch]
+    for p in log.parent.glob(log.name + ".rank*"):
+        p.unlink()
+    r = run_deepspeed(RECIPE, [*RUN, "--output-dir", out, "--resume"], num_ranks=ranks, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    assert f"resumed a 2-rank checkpoint on {ranks} ranks: global batch 64 -> {64 if ranks == 1 else 96}" in text
+    after = [i for rank in read_ids(log).values() for batch in rank for i in batch]
+    order = epoch_order()
+    assert len(set(trained)) == len(trained) == done * 64 and set(trained) == set(order[:done * 64])
+    assert not set(after) & set(trained), "a sample trained twice"
+    assert len(set(after)) == len(after)
+    global_batch = 64 if ranks == 1 else 96
+    assert set(trained) | set(after) == set(order[:len(trained) + len(after)])  # a prefix of the epoch's order
+    assert N - len(trained) - len(after) < global_batch  # only the ragged tail of less than one global batch
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == ranks and summary["global_batch_size"] == global_batch
+
+
+def test_sampler_counts_in_samples_and_deals_the_rest_to_any_world():
+    ds = list(range(100))
+    first = [ResumableSampler(ds, 2, r, seed=3) for r in range(2)]
+    for s in first:
+        s.set_epoch(1)
+    trained = [i for s in first for i in list(s)[:10]]  # 10 samples per rank: the first 20 of the order
+    rest = [ResumableSampler(ds, 3, r, seed=3) for r in range(3)]
+    for s in rest:
+        s.set_epoch(1, consumed=20)
+    later = [i for s in rest for i in s]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(4)).tolist()
+    assert sorted(trained) == sorted(order[:20]) and sorted(later) == sorted(order[20:20 + 78])
+    assert len(rest[0]) == 26
+
+
+def test_batch_rule_keeps_the_global_batch_where_accumulation_can():
+    marker = {"world_size": 2, "meta": {"batch": {"micro": 32, "gas": 2, "global": 128}}}
+    cfg, gas, global_batch, note = adapt_batch({"train_micro_batch_size_per_gpu": 32}, 4, 32, 2, marker)
+    assert (gas, global_batch) == (1, 128) and "global batch kept" in note
+    cfg, gas, global_batch, note = adapt_batch({"train_micro_batch_size_per_gpu": 32}, 3, 32, 2, marker)
+    assert (gas, global_batch) == (2, 192) and "LR rule" in note and cfg["train_batch_size"] == 192
+    assert adapt_batch({}, 2, 32, 2, marker)[3] == ""
+
+
+def test_a_resumed_pass_trains_the_minibatches_its_remaining_samples_make():
+    plan = plan_passes(20, 2, 1, 3)  # 18 minibatches a pass on this world
+    state = place_in_pass(EpochState(0, consumed_base=5 * 96), plan, 32 * 2)  # 480 of 18 x 64 = 1152 trained
+    assert state.drawn == state.done == 18 - 9 and state.consumed(state.drawn, 64) == 480
+
+
+def test_compressor_states_merge_to_their_mean():
+    states = [{"worker_error": torch.full((4,), float(r)), "server_error": torch.zeros(2)} for r in range(3)]
+    merged = create("ef_sign").merge_states(states)
+    assert torch.equal(merged["worker_error"], torch.full((4,), 1.0))
