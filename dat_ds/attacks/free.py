@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .base import ATTACKS, Attack, box, check
+from .base import ATTACKS, Attack, box, check, noise_like
 from .pgd import pgd_linf
 from .shapes import Replay
 
@@ -39,7 +39,7 @@ class Free(Attack):
         if self._delta is None or self._delta.shape[1:] != x.shape[1:] or len(self._delta) < len(x):
             self._delta = torch.zeros_like(x)
             if self.start_std:   # a loss flat at x (TRADES' KL) would never move a zero perturbation
-                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                noise = noise_like(x, lambda t: t.normal_())
                 self._delta.add_(noise, alpha=self.start_std).clamp_(-self.eps, self.eps)
         delta = self._delta[:len(x)]
         return (x + delta).clamp_(0, 1).requires_grad_(True)

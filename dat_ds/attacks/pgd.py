@@ -21,7 +21,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     lo, hi = box(x.clone(), eps)
     delta = noise_like(x, lambda t: t.uniform_(-eps, eps)) if random_start else torch.zeros_like(x)
     if not random_start and start_std:
-        delta = torch.randn(x.shape, dtype=x.dtype, device=x.device).mul_(start_std)
+        delta = noise_like(x, lambda t: t.normal_().mul_(start_std))
     delta = torch.max(torch.min(delta, hi), lo)
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -51,7 +51,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha
         radius = torch.rand(len(x), *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype) * eps
         delta = project_l2(delta / per_sample_norm(delta) * radius, x, eps)
     elif start_std:
-        delta = project_l2(torch.randn(x.shape, dtype=x.dtype, device=x.device).mul_(start_std), x, eps)
+        delta = project_l2(noise_like(x, lambda t: t.normal_().mul_(start_std)), x, eps)
     else:
         delta = torch.zeros_like(x)
     for _ in range(steps):
