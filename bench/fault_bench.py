@@ -44,7 +44,8 @@ COMM_TIMEOUT = 15
 INJECT_AFTER_STEPS = 1.5  # step times after the first mid-epoch checkpoint (--save-every 3)
 FAULTS = {"hung": "hung rank (SIGSTOP of rank 1)", "disk": "full disk (output file system filled)",
           "worker": "dead loader worker (SIGKILL, --num-workers 1)", "sigkill": "SIGKILL of rank 1",
-          "sigterm": "SIGTERM to the launcher (launch.py)"}
+          "sigterm": "SIGTERM to the launcher (launch.py)",
+          "node": "lost node: 4 ranks on 2 launchers, a rank of node 1 SIGKILLed, resumed on the 2 ranks of node 0"}
 
 
 def env() -> dict:
@@ -146,6 +147,66 @@ def newest_complete(ckpt_dir: Path):
     return max(markers)[1] if markers else None
 
 
+def launch_nodes(args, port: int, hostfile: Path):
+    """Two launchers (``--no_ssh --node_rank``) of 2 ranks each: one 4-rank world on this machine."""
+    return [subprocess.Popen([str(Path(sys.executable).with_name("deepspeed")), "--hostfile", str(hostfile), "--no_ssh",
+                              "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                              str(SCRIPT), *map(str, RUN), *map(str, args)],
+                             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True) for node in (0, 1)]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def run_lost_node(work: Path, straight2: dict, step_s: float) -> dict:
+    """A 4-rank run on 2 "nodes" loses a rank; the 2 ranks of node 0 resume it (another world size)."""
+    hostfile = work / "hostfile"
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    straight = work / "straight4"
+    procs = launch_nodes(["--output-dir", straight], free_port(), hostfile)
+    for proc in procs:
+        proc.communicate(timeout=1800)
+    if any(proc.returncode for proc in procs):
+        return {"fault": FAULTS["node"], "note": "the straight 4-rank run failed: not measured"}
+    out = work / "node" / "run"
+    extra = ["--output-dir", out, "--comm-timeout", COMM_TIMEOUT]
+    procs = launch_nodes(extra, free_port(), hostfile)
+    watches = [Watch(proc) for proc in procs]
+    try:
+        wait_for_checkpoint(procs[0], out / "checkpoints")
+        time.sleep(INJECT_AFTER_STEPS * step_s)
+        victim = ranks(procs[1])[0]
+        victim.kill()
+        t_inject = time.monotonic()
+        t_end = max(w.wait(timeout=COMM_TIMEOUT + 300) for w in watches)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    marker = newest_complete(out / "checkpoints")
+    info = json.loads(marker.read_text())
+    resumed = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                              str(free_port()), str(SCRIPT), *map(str, RUN), *map(str, extra[:2]), "--resume"],
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1800)
+    firsts = [w.first for w in watches if w.first]
+    first = min(firsts) if firsts else None
+    row = {"fault": FAULTS["node"], "exit_code": procs[0].returncode,
+           "detected_s": round(first[0] - t_inject, 1) if first else None, "job_end_s": round(t_end - t_inject, 1),
+           "resumed_from": info["tag"],
+           "resume": "completes on 2 ranks" if resumed.returncode == 0 else f"failed (exit {resumed.returncode})",
+           "line": (first[1].split(": error: ", 1)[-1].replace(str(out), "OUTPUT_DIR")[:160] if first else "")}
+    if resumed.returncode == 0:
+        got, base4 = summary(out), summary(straight)
+        row.update({"TA": got["clean_acc"], "RA": got["robust_acc"], "straight_4_ranks_TA": base4["clean_acc"],
+                    "straight_4_ranks_RA": base4["robust_acc"], "straight_2_ranks_TA": straight2["clean_acc"],
+                    "straight_2_ranks_RA": straight2["robust_acc"],
+                    "resumed_line": next((ln for ln in (resumed.stdout + resumed.stderr).splitlines()
+                                          if "resumed a " in ln), "")})
+    return row
+
+
 def run_fault(name: str, work: Path, straight: dict, step_s: float) -> dict:
     disk = work / f"disk_{name}"
     disk.mkdir()
@@ -206,7 +267,8 @@ def main():
         straight = final_weights(work / "straight")
         results = {}
         for name in args.faults:
-            results[name] = run_fault(name, work, straight, step_s)
+            results[name] = (run_lost_node(work, summary(work / "straight"), step_s) if name == "node"
+                             else run_fault(name, work, straight, step_s))
             print(json.dumps(results[name]), flush=True)
     previous = {}
     path = RESULTS / "faults.json"
@@ -230,7 +292,10 @@ def main():
                   "a bad image (corrupt file mid-epoch) follows the data module's policy; not injected here",
                   "exit: the launcher's exit code, that of the first rank it saw fail (4 hung rank, 5 write failure, "
                   "6 loader worker; 247 = a rank killed by signal 9; 1 = launch.py itself got SIGTERM, its ranks "
-                  "exit 143 after saving)"]})
+                  "exit 143 after saving)",
+                  "lost node: the 4-rank run (2 launchers of 2 ranks, global batch 128) resumes on 2 ranks with the "
+                  "global batch kept (accumulation 2): TA/RA of its final model beside straight 4-rank and 2-rank "
+                  "runs; bit-exactness is promised only on the same number of ranks"]})
     print(f"wrote {path}")
 
 

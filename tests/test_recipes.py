@@ -15,8 +15,10 @@ SUMMARY_KEYS = {"clean_acc", "robust_acc", "epochs", "world_size", "global_batch
 
 def test_single_process_run_writes_outputs_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = run_recipe([*QUICK, "--epochs", "1", "--output-dir", out, "--wandb"], env={"WANDB_MODE": "offline"})
+    # --resume on a folder without a checkpoint says so (once) and starts fresh
+    r = run_recipe([*QUICK, "--epochs", "1", "--output-dir", out, "--wandb", "--resume"], env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(f"--resume: no checkpoint in {out / 'checkpoints'}; starting fresh\n") == 1, r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["world_size"] == 1 and summary["global_batch_size"] == 32 and summary["epochs"] == 1
@@ -29,6 +31,9 @@ def test_single_process_run_writes_outputs_and_resumes(tmp_path):
 
     r = run_recipe([*QUICK, "--epochs", "2", "--output-dir", out, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
+    said = [line for line in r.stdout.splitlines() if line.startswith("resuming from ")]
+    tag_dir = out / "checkpoints" / "epoch0000"
+    assert len(said) == 1 and said[0].startswith(f"resuming from {tag_dir} (epoch 1, batch 0"), r.stdout
     rows = read_jsonl(out / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [0, 1], "resume continues at epoch 1 and keeps epoch 0"
     assert rows[1]["global_step"] == 2 * rows[0]["global_step"]
