@@ -10,6 +10,9 @@ and its shape and normalization declared beside it (:class:`Stats`):
 * ``hf:NAME_OR_PATH``: a Hugging Face dataset by hub name, ``save_to_disk`` folder or parquet
   files (:mod:`.hf`).
 
+Every rank reads its share of one dataset, or (``--data-placement local``) only the folder it
+holds (:mod:`.placement`).
+
 Images reach the model as float in [0, 1]. ``--train-limit`` / ``--eval-limit`` / ``--holdout``
 subsets are class-stratified where files are ordered by class and first-N where the order is
 already shuffled (:mod:`.sampling`). An unreadable image is skipped, named and counted
@@ -34,6 +37,7 @@ from .idx import FASHION_MNIST_DIRS, IDX_FILES, load_mnist_family, read_idx
 from .images import FolderImages, HFImages, bad_samples
 from .loaders import (ResumableSampler, ShardSampler, _batch_collate, eval_loader, raw_batches, read_batch,
                       start_epoch, to_device, train_loader)
+from .placement import PLACEMENTS, LocalSampler, Placement, check_placement, check_resume, place
 from .sampling import grouped_by_class, stratified_indices
 from .tensors import TensorImages, random_crop_flip
 
@@ -43,7 +47,8 @@ __all__ = ["raw_batches", "to_device", "DATASETS", "DataError", "DatasetInfo", "
            "TensorImages", "_batch_collate", "bad_samples", "dataset_names", "eval_loader", "grouped_by_class",
            "load_cifar", "load_dataset", "load_imagefolder", "load_mnist_family", "load_package_digits",
            "parse_classes", "random_crop_flip", "read_batch", "read_idx", "select_classes", "start_epoch",
-           "stratified_indices", "train_loader", "check_dataset", "dataset_settings"]
+           "stratified_indices", "train_loader", "check_dataset", "dataset_settings", "PLACEMENTS", "LocalSampler",
+           "Placement", "check_placement", "check_resume", "place"]
 
 
 def dataset_settings(name: str) -> dict:
