@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import attacks, dist
 from .attacks import Attack
-from .data import ShardSampler, _batch_collate, raw_batches, to_device
+from .data import Placement, ShardSampler, _batch_collate, raw_batches, to_device
 from .speed import input_format
 
 
 def evaluate(model: nn.Module, dataset, spec: Optional["Spec"], device: torch.device, batch_size: int = 256,
-             seed: int = 0, num_workers: int = 0) -> Dict[str, float]:
+             seed: int = 0, num_workers: int = 0, placement: Optional[Placement] = None) -> Dict[str, float]:
     """``clean_acc``, ``eval_samples`` and (with ``spec``) ``robust_acc`` of ``dataset``.
 
     The per-epoch check of training and the held-out check use the suite's own definition and
@@ -33,8 +33,11 @@ def evaluate(model: nn.Module, dataset, spec: Optional["Spec"], device: torch.de
     when it is classified correctly clean *and* under the attack, attack randomness seeded per
     batch from ``seed``. ``recipes/evaluate.py`` on the saved model, with the same samples,
     attack, seed and batch size, gives the same figures. Every rank must hold the same model.
+    ``placement`` (``--data-placement local``): each rank holds its folder's ``dataset``, and the
+    figures count the union of the folders' (see :func:`sample_table`).
     """
-    table = sample_table(model, dataset, [spec] if spec is not None else [], device, batch_size, seed, num_workers)
+    table = sample_table(model, dataset, [spec] if spec is not None else [], device, batch_size, seed, num_workers,
+                         placement=placement)
     out = {"clean_acc": table.acc("clean"), "eval_samples": len(table.labels)}
     if spec is not None:
         out["robust_acc"] = table.acc(spec.name)
@@ -258,15 +261,20 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch.device, batch_size: int = 256,
-                 seed: int = 0, num_workers: int = 0, progress: bool = False) -> SampleTable:
+                 seed: int = 0, num_workers: int = 0, progress: bool = False,
+                 placement: Optional[Placement] = None) -> SampleTable:
     """Clean and robust correctness of every test sample: each rank attacks its blocks of the
-    dataset, and the per-sample table is summed over ranks (each row is filled by one rank)."""
+    dataset, and the per-sample table is summed over ranks (each row is filled by one rank).
+    ``placement`` (local data): ``dataset`` is this rank's folder's, its blocks are dealt among
+    the ranks of that folder, and the table is the union of the folders' (:meth:`Placement.union`)."""
     names = ["clean", *(spec.name for spec in specs)]
     if len(set(names)) < len(names):
         raise ValueError(f"two evaluations share a name: {names}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    sampler = BlockSampler(len(dataset), batch_size, dist.rank(), dist.world_size())
+    # local placement: the folder's blocks dealt among the ranks that hold it
+    part, parts = (dist.rank(), dist.world_size()) if placement is None else placement.share()
+    sampler = BlockSampler(len(dataset), batch_size, part, parts)
     loader = DataLoader(raw_batches(dataset), batch_sampler=sampler, collate_fn=_batch_collate, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available())
     # label, clean, one column per spec; filled on the device and read once at the end
@@ -283,7 +291,7 @@ def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch
         if bar is not None:
             bar.update(1)
     model.train(was_training)
-    table = _sum_over_ranks(table, device)
+    table = _sum_over_ranks(table, device) if placement is None else placement.union(table)
     return SampleTable(table[:, 0], {n: table[:, i + 1].bool() for i, n in enumerate(names)})
 
 

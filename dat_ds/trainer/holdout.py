@@ -34,14 +34,15 @@ class OverfitWatch:
 
 
 def holdout_check(model, dataset, pgd: AttackSpec, eps: float, watch: OverfitWatch, epoch: int,
-                  early_stop: bool, batch_size: int, seed: int, device) -> dict:
+                  early_stop: bool, batch_size: int, seed: int, device, placement=None) -> dict:
     """PGD and FGSM accuracy on the held-out samples (the evaluation's definition: fp32, correct
-    clean and attacked), and what the watch makes of them."""
+    clean and attacked), and what the watch makes of them; ``placement``: each rank holds its
+    folder's held-out samples and the figures count their union."""
     if dataset is None:
         return {}
-    pgd_out = evaluate(model, dataset, pgd, device, batch_size, seed)
+    pgd_out = evaluate(model, dataset, pgd, device, batch_size, seed, placement=placement)
     fgsm = evaluate(model, dataset, AttackSpec(attacks.create("fgsm_rs", eps=eps), "fgsm_rs"), device, batch_size,
-                    seed)
+                    seed, placement=placement)
     out = {"holdout_pgd_acc": pgd_out["robust_acc"], "holdout_fgsm_acc": fgsm["robust_acc"],
            "holdout_clean_acc": pgd_out["clean_acc"]}
     out.update(watch.observe(epoch, out["holdout_pgd_acc"], out["holdout_fgsm_acc"]))
