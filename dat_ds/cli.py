@@ -311,7 +311,13 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="fashion_mnist", help="the dataset: " + " | ".join(dataset_names))
     g.add_argument("--data-dir", default=None,
                    help="folder holding the dataset files (default: the dataset's own place, e.g. Debian's "
-                        "Fashion-MNIST package; CIFAR and imagefolder need it)")
+                        "Fashion-MNIST package; CIFAR and imagefolder need it); with --data-placement local it "
+                        "may name {rank}, {local_rank} and {node_rank}")
+    g.add_argument("--data-placement", choices=("global", "local"), default="global",
+                   help="global: every rank reads its share of one dataset; local: each rank reads only the "
+                        "folder it holds (--data-dir, or the hf: path, as that node sees it), ranks naming the "
+                        "same folder split it, every rank trains the smallest shard's steps per epoch and the "
+                        "test figures count the union of the folders' test sets (default: global)")
     g.add_argument("--train-limit", type=int, default=None, metavar="N",
                    help="use only N training samples (default: all)")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="use only N test samples (default: all)")

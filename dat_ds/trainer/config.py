@@ -66,6 +66,7 @@ class TrainConfig:
     classes: Optional[str] = None  # e.g. "0-4" or "5,6,7": only these classes, relabelled 0..k-1
     num_workers: int = 0
     dataset_kwargs: dict = field(default_factory=dict)  # the dataset's own settings (e.g. an hf: split)
+    data_placement: str = "global"  # global: one dataset, sharded; local: each rank reads its own folder
     # model
     backbone: str = "resnet18"
     stem: str = "auto"
@@ -105,7 +106,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every setting before any work (no DeepSpeed, no data); bad ones raise ValueError."""
-        from ..data import parse_classes
+        from ..data import check_placement, parse_classes
         for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1),
                           ("stop_after", 1), ("train_limit", 1), ("eval_limit", 1), ("img_size", 8),
                           ("num_workers", 0), ("seed", 0), ("save_every", 0), ("max_nonfinite", 0),
@@ -128,6 +129,7 @@ class TrainConfig:
             raise ValueError(f"--co-drop must lie in (0, 1], got {self.co_drop}")
         check_backbone(self.backbone)
         check_dataset(self.dataset, self.dataset_kwargs)
+        check_placement(self.data_placement, self.data_dir, self.dataset)
         parse_classes(self.classes)  # syntax; ids are checked against the dataset when it loads
         if Path(self.output_dir).is_file():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")

@@ -13,7 +13,7 @@ import torch
 
 from .. import attacks, buffers, dist, ema, faults
 from ..checkpoint import BEST, LATEST, SaveRetries
-from ..data import DatasetInfo, bad_samples, load_dataset, start_epoch, train_loader
+from ..data import DatasetInfo, Placement, bad_samples, check_resume, load_dataset, place, start_epoch, train_loader
 from ..engine import initialize, load_config, resolve_batch, restore_best
 from ..evaluate import evaluate
 from ..guard import StepGuard, StopRequested, StopSignal
@@ -62,6 +62,7 @@ class Run:
     bad_seen: int = 0  # unreadable samples this rank had met when the last epoch ended
     ema: Optional[ema.WeightEma] = None  # the ds_config's "ema": evaluation uses its weights
     picked: Optional[tuple] = None  # (tag, marker) of the checkpoint --resume takes
+    placement: Optional[Placement] = None  # --data-placement local: the folder each rank reads
 
     @property
     def passes(self) -> int:
@@ -131,14 +132,25 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     dist.init(timeout=cfg.comm_timeout)
     rank, world = dist.rank(), dist.world_size()
     cfg.validate_world(world)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size,
-                                cfg.classes, **cfg.dataset_kwargs)
-    train_set, holdout_set = data.train.split_off(cfg.default_holdout(len(data.train)))
+    local = place(cfg.data_placement, cfg.data_dir, cfg.dataset)  # None: every rank reads one dataset
+    if local is None:
+        data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.eval_limit, cfg.img_size,
+                                    cfg.classes, **cfg.dataset_kwargs)
+        train_set, holdout_set = data.train.split_off(cfg.default_holdout(len(data.train)))
+    elif data is not None or loader_fn is not None:
+        raise ValueError("--data-placement local: this recipe brings its own dataset or loader; it reads one "
+                         "dataset on every rank (--data-placement global)")
+    else:
+        data = local.load(cfg.img_size, cfg.classes, cfg.train_limit, cfg.eval_limit, cfg.dataset_kwargs)
+        train_set, holdout_set = local.split_off(data.train, cfg.default_holdout(len(data.train)))
     out = Path(cfg.output_dir)
     meta = {"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
             "eval": {"seed": cfg.seed, "batch_size": cfg.eval_batch_size, "steps": cfg.eval_steps,
                      "limit": cfg.eval_limit}, **data.meta()}
+    if local is not None:
+        meta["placement"] = local.layout(len(train_set))
     picked = ckpt.pick(out / "checkpoints", meta) if cfg.resume else None
+    check_resume(picked and picked[1], meta)
     micro, gas, global_batch = resolve_batch(ds_cfg, picked[1].get("world_size", world) if picked else world)
     ds_cfg, gas, global_batch, note = adapt_batch(ds_cfg, world, micro, gas, picked and picked[1])
     if note and rank == 0:
@@ -152,7 +164,8 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
         model = model_fn(model)
     if cfg.sync_bn:
         model = buffers.sync_batchnorm(model)
-    loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers)
+    loader = (loader_fn or train_loader)(train_set, micro, rank, world, cfg.seed, cfg.num_workers) if local is None \
+        else local.train_loader(train_set, micro, cfg.seed, cfg.num_workers)
     attack = cfg.make_attack()
     replays = attack.shape.updates_per_minibatch(attack)
     plan = plan_passes(len(loader), cfg.epochs, replays, gas)
@@ -177,7 +190,7 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
                out=out, ckpt_dir=out / "checkpoints", guard=guard, stop=stop,
                progress=ckpt.Progress(ckpt.RunTotals(), OverfitWatch(cfg.co_drop)), timers=Timers(engine.device),
                saves=SaveRetries(cfg.save_retries), watchdog=faults.Watchdog(cfg.comm_timeout),
-               ema=weight_ema)
+               ema=weight_ema, placement=local)
 
 
 def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch]) -> dict:
@@ -240,7 +253,7 @@ def end_epoch(run: Run, stats: dict, epoch: int, t0: float) -> dict:
     with ema_weights(run):
         ev = evaluate_test(run)
         hold = holdout_check(engine.module, run.holdout_set, cfg.eval_spec(), cfg.eps, progress.watch, epoch,
-                             cfg.early_stop, cfg.eval_batch_size, cfg.seed, engine.device)
+                             cfg.early_stop, cfg.eval_batch_size, cfg.seed, engine.device, run.placement)
     totals = progress.totals
     progress.totals = ckpt.RunTotals(totals.compute_s + compute_s, totals.comm_s + comm_s,
                                      totals.bytes_sent_per_rank + stats["bytes_sent"])
@@ -302,7 +315,7 @@ def evaluate_test(run: Run) -> dict:
     """TA and RA of the model in ``engine.module`` on the test set, measured as the suite does."""
     cfg = run.cfg
     return evaluate(fp32(run.engine.module), run.test_set, run.eval_spec, run.engine.device, cfg.eval_batch_size,
-                    cfg.seed, cfg.num_workers)
+                    cfg.seed, cfg.num_workers, run.placement)
 
 
 class _Fp32(torch.nn.Module):
