@@ -324,9 +324,11 @@ def _check_same_model(tag_dir: Path, marker: dict, meta: dict) -> None:
 def load_error_reason(err: BaseException) -> str:
     """The telling line of a failed ``torch.load``: for a refused pickle, the global it wanted."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:
-        return f"it would run {found.group(1) if found.groups() else found.group(0)} when unpickled"
+        return f"it would run {found.group(1)} when unpickled"
+    if re.search(r"Unsupported operand \S+", text):  # its first byte is no pickle opcode
+        return "its bytes are not a pickle: not a torch checkpoint"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 

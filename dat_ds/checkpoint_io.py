@@ -9,6 +9,7 @@ DeepSpeed; the client state records the model settings under ``meta``) and
 """
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -24,11 +25,12 @@ CHECKPOINTS = "checkpoints"
 KINDS = "a run's --output-dir, its checkpoints/ folder, a checkpoint tag folder or a " + MODEL_FILE + " file"
 
 
-def find_checkpoint(path) -> Path:
-    """The model-states file behind a run folder, a ``checkpoints/`` folder, a tag folder or the file itself."""
+def find_checkpoint(path, flag: str = "--checkpoint") -> Path:
+    """The model-states file behind a run folder, a ``checkpoints/`` folder, a tag folder or the file
+    itself; errors name ``flag``, the option the user gave the path with."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"--checkpoint {path} does not exist")
+        raise ValueError(f"{flag} {path} does not exist")
     if path.is_file():
         return path
     if (path / MODEL_FILE).is_file():
@@ -39,8 +41,8 @@ def find_checkpoint(path) -> Path:
             raise ValueError(f"{path / LATEST} names checkpoint {tag!r}, but {path / tag / MODEL_FILE} is missing")
         return path / tag / MODEL_FILE
     if (path / CHECKPOINTS).is_dir():
-        return find_checkpoint(path / CHECKPOINTS)
-    raise ValueError(f"no checkpoint in {path}: expected {KINDS}")
+        return find_checkpoint(path / CHECKPOINTS, flag)
+    raise ValueError(f"no checkpoint in {flag} {path}: expected {KINDS}")
 
 
 def run_dir(model_file: Path) -> Path:
@@ -54,6 +56,9 @@ def run_dir(model_file: Path) -> Path:
 
 def read_states(model_file: Path) -> dict:
     """``torch.load(..., weights_only=True)`` with unreadable files turned into a one-line ValueError."""
+    other = _not_torch_file(Path(model_file))
+    if other:
+        raise ValueError(f"{model_file} is not a checkpoint but {other}; expected {KINDS} (a torch.save archive)")
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
@@ -62,6 +67,28 @@ def read_states(model_file: Path) -> dict:
     if not isinstance(state, dict) or "module" not in state or "meta" not in state:
         raise ValueError(f"{model_file} is not a dat-ds checkpoint (no 'module' weights or 'meta' settings)")
     return state
+
+
+def _not_torch_file(path: Path) -> Optional[str]:
+    """What ``path`` is when it is neither a torch zip archive nor a pickle (e.g. "a JSON file"), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None  # torch.load names the problem
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a (maybe damaged) zip archive, or a legacy pickle
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return f"{path.stat().st_size} bytes of other data"
+    try:
+        json.loads(text)
+        return "a JSON file"
+    except ValueError:
+        return "a text file"
 
 
 def load_model(model_file: Path, backbone: Optional[str] = None, stem: Optional[str] = None,

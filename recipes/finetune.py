@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main():
     args = parser().parse_args()
-    model_file = find_checkpoint(args.from_checkpoint)
+    model_file = find_checkpoint(args.from_checkpoint, "--from")
     meta = read_states(model_file)["meta"]
     args.backbone, args.stem = args.backbone or meta["backbone"], args.stem or meta.get("stem", "auto")
     if args.pretrained is not None:

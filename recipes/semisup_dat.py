@@ -61,7 +61,7 @@ def train_teacher(cfg, data, epochs: int) -> Path:
             print(f"teacher: TA {summary['clean_acc']:.4f} after {epochs} epochs on {len(data.train)} labeled "
                   f"images ({out})", flush=True)
     dist.barrier()
-    return find_checkpoint(out)
+    return find_checkpoint(out, "--teacher")
 
 
 def pseudo_labeled_pool(args, cfg, data, held_images, held_truth) -> PseudoLabels:
@@ -84,7 +84,10 @@ def pseudo_labeled_pool(args, cfg, data, held_images, held_truth) -> PseudoLabel
         images, truth = held_images, held_truth
     else:
         images, truth = read_image_folder(args.unlabeled, data.in_chans, data.img_size), None
-    teacher = find_checkpoint(args.teacher) if args.teacher else train_teacher(cfg, data, args.teacher_epochs)
+    if args.teacher:
+        teacher = find_checkpoint(args.teacher, "--teacher")
+    else:
+        teacher = train_teacher(cfg, data, args.teacher_epochs)
     model, tmeta = load_model(teacher)
     if (tmeta["in_chans"], tmeta["img_size"], tmeta["num_classes"]) != (data.in_chans, data.img_size,
                                                                         data.num_classes):

@@ -112,3 +112,17 @@ def test_under_the_launcher_an_error_of_one_rank_is_shown_with_its_rank(tmp_path
     errors = [line for line in recipe_lines(r) if "error" in line]
     assert errors == ["fashion_mnist_dat.py: error: rank 1: rank-local disk is full"], \
         r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_checkpoint_errors_name_the_flag_given_and_what_was_expected(monkeypatch, capsys, tmp_path):
+    code, lines = run_in_process("finetune.py", ["--from", tmp_path / "missing"], monkeypatch, capsys)
+    assert code == 2 and lines == [f"finetune.py: error: --from {tmp_path / 'missing'} does not exist"], lines
+    code, lines = run_in_process("finetune.py", ["--from", tmp_path], monkeypatch, capsys)
+    assert code == 2 and lines[-1].startswith(f"finetune.py: error: no checkpoint in --from {tmp_path}: expected")
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_micro_batch_size_per_gpu": 32}')
+    code, lines = run_in_process("evaluate.py", ["--checkpoint", config], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"evaluate.py: error: {config} is not a checkpoint but a JSON file; expected a run's "
+                               "--output-dir"), lines
+    assert "unpickled" not in lines[0] and "operand" not in lines[0]

@@ -133,7 +133,7 @@ def test_the_recipe_exports_a_run_and_refuses_bad_input(exported, tmp_path):
     (tmp_path / "file").write_text("x")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     (tmp_path / "ro").mkdir(mode=0o500)
-    bad = [(["--checkpoint", tmp_path / "file", "--out", tmp_path / "o"], "cannot read checkpoint"),
+    bad = [(["--checkpoint", tmp_path / "file", "--out", tmp_path / "o"], "is not a checkpoint but a text file"),
            (["--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "o"], "is not a dat-ds checkpoint"),
            (["--checkpoint", tmp_path / "nothing", "--out", tmp_path / "o"], "does not exist"),
            (["--checkpoint", root / "ckpt" / "zoo", "--out", tmp_path / "file"], "is a file, not a folder")]
