@@ -252,25 +252,26 @@ RUN = [*TINY, "--data-placement", "local", "--epochs", "2", "--save-every", "3"]
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, fmnist):
-    """One 2-rank run on the 3:1 class-disjoint folders, under strace; ``(out, folders, trace)``."""
+    """One 2-rank run on the 3:1 class-disjoint folders, under strace; ``(out, folders, trace, --data-dir)``.
+    The folders' path names the node too, as the launcher's CROSS_RANK gives it (one node: 0)."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace for the open-file audit")
     root = tmp_path_factory.mktemp("local")
-    folders = write_shards(root / "shards", fmnist)
-    out, trace = root / "run", root / "trace.txt"
+    folders = write_shards(root / "shards" / "0", fmnist)
+    out, trace, data_dir = root / "run", root / "trace.txt", root / "shards" / "{node_rank}" / "{rank}"
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = ["strace", "-f", "--seccomp-bpf", "-y", "-s", "4096", "-o", str(trace),
            "-e", "trace=/^(open|openat|openat2|clone|clone3|fork|vfork|execve)$",
            str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(RECIPE),
-           *map(str, RUN), "--data-dir", str(root / "shards" / "{rank}"), "--output-dir", str(out)]
+           *map(str, RUN), "--data-dir", str(data_dir), "--output-dir", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "every rank trains 4 minibatch(es) of 32 per epoch, the smallest shard's" in r.stdout
-    return out, folders, trace
+    return out, folders, trace, data_dir
 
 
 def test_unequal_class_disjoint_folders_train_and_evaluation_counts_the_union(local_run):
-    out, folders, _ = local_run
+    out, folders, _, _ = local_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["updates"] == 2 * 4  # the smallest folder's 4 steps, 2 epochs
     assert summary["eval_samples"] == 48 + 16
@@ -291,7 +292,7 @@ def test_unequal_class_disjoint_folders_train_and_evaluation_counts_the_union(lo
 
 
 def test_no_rank_opens_another_ranks_folder(local_run):
-    _, folders, trace = local_run
+    _, folders, trace, _ = local_run
     opens, parent, ranks = parse_trace(trace)
     assert sorted(ranks.values()) == [0, 1]
     read = {0: set(), 1: set()}
@@ -306,13 +307,13 @@ def test_no_rank_opens_another_ranks_folder(local_run):
 
 
 def test_resumed_inside_an_epoch_ends_as_the_straight_run(local_run, tmp_path):
-    straight, folders, _ = local_run
+    straight, _, _, data_dir = local_run
     out = tmp_path / "resumed"
     shutil.copytree(straight, out)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["epoch0001", "epoch0001-batch000003"]
     shutil.rmtree(out / "checkpoints" / "epoch0001")  # back to step 3 of the last epoch's 4
-    r = run_deepspeed(RECIPE, [*RUN, "--data-dir", folders[0].parent / "{rank}", "--output-dir", out, "--resume"])
+    r = run_deepspeed(RECIPE, [*RUN, "--data-dir", data_dir, "--output-dir", out, "--resume"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming from" in r.stdout and "epoch 1, batch 3" in r.stdout
     a, b = final_weights(straight), final_weights(out)
@@ -320,11 +321,11 @@ def test_resumed_inside_an_epoch_ends_as_the_straight_run(local_run, tmp_path):
 
 
 def test_resumed_inside_an_epoch_on_another_number_of_ranks_is_refused(local_run, tmp_path):
-    straight, folders, _ = local_run
+    straight, _, _, data_dir = local_run
     out = tmp_path / "one_rank"
     shutil.copytree(straight, out)
     shutil.rmtree(out / "checkpoints" / "epoch0001")
-    r = run_recipe([*RUN, "--data-dir", folders[0].parent / "{rank}", "--output-dir", out, "--resume"])
+    r = run_recipe([*RUN, "--data-dir", data_dir, "--output-dir", out, "--resume"], env={"NODE_RANK": "0"})
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if "error" in line]
     assert lines == [f"{RECIPE.name}: error: --resume: the checkpoint stopped inside epoch 1 with 2 folder(s) of "
@@ -337,12 +338,12 @@ def test_resumed_inside_an_epoch_on_another_number_of_ranks_is_refused(local_run
 def test_from_an_epochs_end_any_layout_goes_on(local_run, tmp_path):
     """The rule's other half: a 2-rank checkpoint from an epoch's end goes on on one rank, which
     reads only its own folder from then on."""
-    straight, folders, _ = local_run
+    straight, _, _, data_dir = local_run
     out = tmp_path / "one_rank"
     shutil.copytree(straight, out)
     shutil.rmtree(out / "checkpoints" / "epoch0001-batch000003")
     args = [a if a != "2" else "3" for a in RUN]  # --epochs 3: one more epoch
-    r = run_recipe([*args, "--data-dir", folders[0].parent / "{rank}", "--output-dir", out, "--resume"])
+    r = run_recipe([*args, "--data-dir", data_dir, "--output-dir", out, "--resume"], env={"NODE_RANK": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["eval_samples"] == 48  # rank 0's folder alone
