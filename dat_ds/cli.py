@@ -441,7 +441,18 @@ def train_config(args: argparse.Namespace):
         if not routed and dest in given:
             raise ValueError(f"--{dest.replace('_', '-')} is not a setting of {_chosen_text(chosen, entry)}; "
                              f"it belongs to {_takers(entry)}")
+    _check_img_size(cfg, given)
     return cfg
+
+
+def _check_img_size(cfg, given: set) -> None:
+    """``--img-size`` given for a dataset of one fixed image size (its loader declares ``resizes =
+    False``) would be ignored: refuse it instead."""
+    from .data import DATASETS
+    if "img_size" in given and cfg.img_size is not None and cfg.dataset in DATASETS \
+            and getattr(DATASETS.get(cfg.dataset), "resizes", True) is False:
+        raise ValueError(f"--img-size {cfg.img_size}: dataset {cfg.dataset!r} has one fixed image size and is not "
+                         f"resized (imagefolder and hf: datasets take --img-size)")
 
 
 def _same_component(kind: str, registered: str, chosen: str) -> bool:

@@ -86,6 +86,8 @@ CASES = [  # (id, args or a function of the tmp folder, exit code, message)
     ("ranks-negative", ["--byzantine-ranks=-1"], 2, "byzantine_ranks entry=-1 is not allowed"),
     ("ranks-outside", ["--byzantine-ranks", "3"], 2, "--byzantine-ranks: rank 3 does not exist in a world of 1"),
     ("dataset", ["--dataset", "svhn"], 2, "unknown dataset 'svhn'"),
+    ("img-size-fixed", ["--img-size", "32"], 2,
+     "--img-size 32: dataset 'fashion_mnist' has one fixed image size and is not resized"),
     ("output-is-file", lambda t: ["--output-dir", (t / "f").write_text("x") and t / "f"], 2, "is a file, not a folder"),
     ("ds-missing", ["--deepspeed_config", "/nonexistent.json"], 2,
      "--deepspeed_config /nonexistent.json does not exist"),
@@ -213,6 +215,15 @@ def test_evaluate_refuses_a_malicious_pickle_without_running_it(tiny_run, tmp_pa
     assert r.returncode == 2, r.stderr[-3000:]
     assert "cannot read checkpoint" in r.stderr and "it would run io.open when unpickled" in r.stderr, r.stderr
     assert not (tmp_path / FLAG).exists(), "unpickling ran code"
+
+
+def test_a_trained_run_records_and_exports_its_class_names(tiny_run, tmp_path):
+    from dat_ds.checkpoint_io import find_checkpoint, load_model
+    from dat_ds.models.export import export_model
+    model, meta = load_model(find_checkpoint(tiny_run))
+    assert meta["class_names"][:2] == ["T-shirt/top", "Trouser"] and meta["class_names"][9] == "Ankle boot"
+    manifest = export_model(model, meta, tmp_path / "exported")
+    assert manifest["class_names"] == meta["class_names"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_run, tmp_path):

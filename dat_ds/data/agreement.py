@@ -101,7 +101,7 @@ def agree(info: DatasetInfo, folder: str, data_dir: Optional[str] = None) -> Dat
     if names is not None and mine.names != names:
         lut = np.array([names.index(n) for n in mine.names], dtype=np.int64)
         info = replace(info, train=_relabel(info.train, lut), test=_relabel(info.test, lut))
-    return replace(info, num_classes=num_classes, mean=mean, std=std)
+    return replace(info, num_classes=num_classes, mean=mean, std=std, class_names=names or info.class_names)
 
 
 def _relabel(ds: FolderImages, lut: np.ndarray) -> FolderImages:

@@ -32,7 +32,7 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
 
 
-def _load_batch(path: Path) -> dict:
+def _load_batch(path: Path, need_data: bool = True) -> dict:
     try:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
@@ -41,7 +41,7 @@ def _load_batch(path: Path) -> dict:
     except Exception as err:
         raise DataError(f"cannot read CIFAR batch {path}: {err}") from None
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d:
+    if need_data and "data" not in d:
         raise DataError(f"{path} has no 'data' entry: not a CIFAR python batch")
     return d
 
@@ -75,16 +75,34 @@ def load_cifar(name: str, data_dir: Optional[str]) -> Tuple[TensorImages, Tensor
     return out[0], out[1]
 
 
+def label_names(name: str, data_dir: str, num_classes: int) -> Optional[Tuple[str, ...]]:
+    """The class names the batches carry (``batches.meta``'s ``label_names``, ``meta``'s
+    ``fine_label_names``); None when that file is absent or does not name every class."""
+    root = Path(data_dir)
+    sub, file, key = (("cifar-10-batches-py", "batches.meta", "label_names") if name == "cifar10"
+                      else ("cifar-100-python", "meta", "fine_label_names"))
+    path = root / sub / file if (root / sub).is_dir() else root / file
+    if not path.is_file():
+        return None
+    names = _load_batch(path, need_data=False).get(key)
+    if not isinstance(names, list) or len(names) != num_classes:
+        return None
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
 @DATASETS.register("cifar10")
 def cifar10(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None) -> Loaded:
     """CIFAR-10 python batches, 50,000 + 10,000 32 px images."""
-    return Loaded(*load_cifar("cifar10", data_dir), CIFAR10)
+    train, test = load_cifar("cifar10", data_dir)
+    return Loaded(train, test, CIFAR10._replace(class_names=label_names("cifar10", data_dir, 10)))
 
 
 @DATASETS.register("cifar100")
 def cifar100(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None) -> Loaded:
     """CIFAR-100 python batches (fine labels)."""
-    return Loaded(*load_cifar("cifar100", data_dir), CIFAR100)
+    train, test = load_cifar("cifar100", data_dir)
+    return Loaded(train, test, CIFAR100._replace(class_names=label_names("cifar100", data_dir, 100)))
 
 
 cifar10.internal_settings = cifar100.internal_settings = ("name", "data_dir", "img_size")
+cifar10.resizes = cifar100.resizes = False  # one fixed image size: --img-size does not apply

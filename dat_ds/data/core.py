@@ -14,12 +14,13 @@ class DataError(ValueError):
 
 
 class Stats(NamedTuple):
-    """Shape and normalization of a dataset, declared next to its loader."""
+    """Shape, normalization and class names of a dataset, declared next to its loader."""
     num_classes: int
     in_chans: int
     img_size: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    class_names: Optional[Tuple[str, ...]] = None  # label i is class_names[i]; None: the ids "0".."k-1"
 
 
 class Loaded(NamedTuple):
@@ -74,6 +75,7 @@ class DatasetInfo:
     test: Dataset = field(repr=False)
     classes: Optional[Tuple[int, ...]] = None  # original class ids kept (--classes), label i = classes[i]
     settings: dict = field(default_factory=dict)  # the dataset's own settings as given (e.g. image_column)
+    class_names: Optional[Tuple[str, ...]] = None  # the name of label i (after --classes), where the data names them
 
     def meta(self) -> dict:
         """What a checkpoint records so a model can be rebuilt without retyping settings."""
@@ -82,6 +84,8 @@ class DatasetInfo:
                 "classes": None if self.classes is None else list(self.classes)}
         if self.settings:
             meta["dataset_settings"] = dict(self.settings)
+        if self.class_names is not None:
+            meta["class_names"] = list(self.class_names)
         return meta
 
 
@@ -131,5 +135,6 @@ def select_classes(info: DatasetInfo, classes) -> DatasetInfo:
     bad = [c for c in ids if c >= info.num_classes]
     if bad:
         raise ValueError(f"--classes: {info.name} has classes 0-{info.num_classes - 1}; no class {bad[0]}")
+    names = None if info.class_names is None else tuple(info.class_names[c] for c in ids)
     return replace(info, train=info.train.select_classes(ids), test=info.test.select_classes(ids),
-                   num_classes=len(ids), classes=ids)
+                   num_classes=len(ids), classes=ids, class_names=names)

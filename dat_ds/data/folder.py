@@ -55,7 +55,8 @@ def image_transforms(img_size: int, native: Optional[int] = None):
             T.Compose([T.Resize(int(img_size * 256 / 224)), T.CenterCrop(img_size), T.PILToTensor()]))
 
 
-def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[FolderImages, FolderImages, int]:
+def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[FolderImages, FolderImages, list]:
+    """``(train, test, class names)``: label i is the i-th class folder in sorted order."""
     if not data_dir or not Path(data_dir).is_dir():
         raise DataError(f"imagefolder needs --data-dir with train/ and val/ class folders, got {data_dir}")
     root = Path(data_dir)
@@ -68,15 +69,15 @@ def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[Fold
     train_tf, test_tf = image_transforms(img_size)
     train = FolderImages(train_paths, train_labels, train_tf, by_class=True, eval_transform=test_tf)
     test = FolderImages(test_paths, test_labels, test_tf, by_class=True)
-    return train, test, len(names)
+    return train, test, list(names)
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None) -> Loaded:
     """An ImageNet-layout folder of any size; RGB, ImageNet normalization, 224 px unless --img-size."""
     size = img_size or 224
-    train, test, num_classes = load_imagefolder(data_dir, size)
-    return Loaded(train, test, Stats(num_classes, 3, size, IMAGENET_MEAN, IMAGENET_STD))
+    train, test, names = load_imagefolder(data_dir, size)
+    return Loaded(train, test, Stats(len(names), 3, size, IMAGENET_MEAN, IMAGENET_STD, tuple(names)))
 
 
 imagefolder.internal_settings = ("name", "data_dir", "img_size")

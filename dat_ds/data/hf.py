@@ -146,6 +146,13 @@ def _labelled(ds, column: str) -> bool:
     return column in ds.column_names and len(ds) > 0 and max(ds[column]) >= 0
 
 
+def _class_names(train: HFImages) -> Optional[Tuple[str, ...]]:
+    """The ``ClassLabel``'s names of the label column, None for plain integer labels."""
+    import datasets as hfds
+    feature = train.ds.features[train.label_column]
+    return tuple(feature.names) if isinstance(feature, hfds.ClassLabel) else None
+
+
 def _num_classes(spec: str, train: HFImages, test: HFImages) -> int:
     import datasets as hfds
     feature = train.ds.features[train.label_column]
@@ -223,7 +230,8 @@ def hf(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None
     chans = 1 if mode == "L" else 3
     if len(mean) != chans or len(std) != chans:
         raise ValueError(f"--mean and --std need {chans} value(s) each for hf:{spec}, got {len(mean)} and {len(std)}")
-    return Loaded(train, test, Stats(_num_classes(spec, train, test), chans, size, tuple(mean), tuple(std)))
+    return Loaded(train, test, Stats(_num_classes(spec, train, test), chans, size, tuple(mean), tuple(std),
+                                     _class_names(train)))
 
 
 hf.internal_settings = ("name", "data_dir", "img_size")

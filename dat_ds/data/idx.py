@@ -20,8 +20,12 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FASHION_MNIST = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,))
-MNIST = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,))
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")  # the dataset's own names for labels 0..9 (Xiao et al. 2017)
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+FASHION_MNIST = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,),
+                      class_names=FASHION_MNIST_CLASSES)
+MNIST = Stats(num_classes=10, in_chans=1, img_size=28, mean=(0.1307,), std=(0.3081,), class_names=DIGIT_CLASSES)
 
 
 def _open(path: Path):
@@ -118,3 +122,4 @@ def mnist(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = N
 
 
 fashion_mnist.internal_settings = mnist.internal_settings = ("name", "data_dir", "img_size")
+fashion_mnist.resizes = mnist.resizes = False  # one fixed image size: --img-size does not apply
