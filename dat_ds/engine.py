@@ -47,6 +47,8 @@ def check_config(cfg: dict, where: str = "ds_config") -> None:
     for key in ("zero_optimization", "fp16", "bf16"):
         if not isinstance(cfg.get(key, {}), dict):
             raise ConfigError(f"{where}: {key} must be a JSON object, got {cfg[key]!r}")
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{where}: fp16 and bf16 are both enabled; pick one")
     try:
         config_keys.check_keys(cfg, where)
     except ValueError as err:
@@ -55,8 +57,6 @@ def check_config(cfg: dict, where: str = "ds_config") -> None:
     if stage != 0:
         raise ConfigError(f"{where}: zero_optimization.stage={stage} is not supported; dat-ds reduces gradients "
                           f"through its own compressors, which needs ZeRO stage 0")
-    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
-        raise ConfigError(f"{where}: fp16 and bf16 are both enabled; pick one")
     check_no_float16(cfg, where)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = cfg.get(key)

@@ -89,7 +89,8 @@ def _pool_worker(rank, port, path):
 
 def test_pooled_batchnorm_statistics_follow_the_law_of_total_variance(tmp_path):
     from dat_ds.dist import free_port
-    mp.start_processes(_pool_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn: a forked child would inherit the one-rank world earlier in-process tests made
+    mp.start_processes(_pool_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     for name in r0["after"]:
         assert torch.equal(r0["after"][name], r1["after"][name]), name
