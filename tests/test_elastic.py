@@ -59,7 +59,7 @@ def stop_after_first_mid_epoch_checkpoint(out, env):
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 3])  # 2 -> 3 in the fast suite
 def test_two_ranks_stopped_mid_epoch_go_on_on_another_number_of_ranks(tmp_path, ranks):
     out, log = tmp_path / "run", tmp_path / "ids"
     env = {"DAT_DS_ID_LOG": str(log), "DAT_DS_IDS_TRAIN": str(N)}

@@ -125,6 +125,7 @@ def test_a_pass_shorter_than_one_accumulation_is_refused():
         plan_passes(5, 1, 1, 8)
 
 
+@pytest.mark.slow  # three runs; the pass plan's arithmetic is checked in the fast suite above
 def test_resume_is_bit_exact_with_accumulation_that_does_not_divide_the_epoch(tmp_path):
     """20 micro-batches a pass, accumulation 3: passes of 18, so the end-of-epoch checkpoint
     holds no partial gradient and the resumed run ends with the straight run's weights."""
