@@ -70,7 +70,9 @@ class ResizedImages(Dataset):
 
 
 def target_data(data: DatasetInfo, meta: dict, upsample: bool) -> DatasetInfo:
-    """``data`` as the pre-trained model sees it: its resolution, channels and normalization."""
+    """``data`` as the pre-trained model sees it: its resolution, channels and normalization. Resized
+    data records its files' shape (``resized_from``), so an evaluation of the fine-tuned checkpoint
+    resizes the same way (:func:`as_trained`)."""
     size, chans = meta["img_size"], meta["in_chans"]
     if data.img_size != size and not upsample:
         raise ValueError(f"{data.name} images are {data.img_size} px but the checkpoint was trained on {size} px; "
@@ -78,7 +80,16 @@ def target_data(data: DatasetInfo, meta: dict, upsample: bool) -> DatasetInfo:
     if data.img_size == size and data.in_chans == chans:
         return replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     return replace(data, img_size=size, in_chans=chans, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                   train=ResizedImages(data.train, size, chans), test=ResizedImages(data.test, size, chans))
+                   train=ResizedImages(data.train, size, chans), test=ResizedImages(data.test, size, chans),
+                   resized_from=(data.in_chans, data.img_size))
+
+
+def as_trained(data: DatasetInfo, meta: dict) -> DatasetInfo:
+    """``data`` (the checkpoint's own dataset, as its files are) resized as the run that wrote the
+    checkpoint resized it (``finetune.py --upsample`` records ``resized_from``); unchanged otherwise."""
+    if not meta.get("resized_from") or (data.in_chans, data.img_size) != tuple(meta["resized_from"]):
+        return data
+    return target_data(data, meta, upsample=True)
 
 
 def head_prefix(model: nn.Module) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dat_ds import checkpoint_io, cli, dist, smoothing
 from dat_ds.metrics import write_json_atomic
+from dat_ds.transfer import as_trained
 
 COLUMNS = ("index", "label", "prediction", "radius", "correct", "seconds")
 
@@ -149,8 +150,9 @@ def main():
     check_args(args)
     model, meta = checkpoint_io.load_model(model_file)
     from dat_ds.data import load_dataset
-    test = load_dataset(meta["dataset"], args.data_dir, img_size=meta["img_size"], classes=meta.get("classes"),
-                        **meta.get("dataset_settings", {})).test
+    data = load_dataset(meta["dataset"], args.data_dir, img_size=meta["img_size"], classes=meta.get("classes"),
+                        **meta.get("dataset_settings", {}))
+    test = as_trained(data, meta).test  # a fine-tuning run's --upsample, as it trained
     indices = list(range(0, len(test), args.skip))[:args.eval_limit]
     out = Path(args.output_dir) if args.output_dir else (run_dir or model_file.parent) / "certify"
 

@@ -23,6 +23,7 @@ from dat_ds.checkpoint_io import find_checkpoint, load_model, run_dir
 from dat_ds.data import dataset_names, load_dataset
 from dat_ds.evaluate import NORMS, AutoAttackSpec, PGDSpec, plot_sweep, sample_table
 from dat_ds.metrics import write_json_atomic
+from dat_ds.transfer import as_trained
 
 EPS_SWEEP = (0, 0.25, 0.5, 1, 1.5, 2)  # multiples of --eps (the DAT paper's Figure 3)
 STEPS_SWEEP = (1, 2, 5, 10, 20, 50)
@@ -192,6 +193,7 @@ def main(argv=None) -> dict:
     data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,
                         img_size=meta["img_size"], classes=args.classes or (meta.get("classes") if same else None),
                         **(meta.get("dataset_settings", {}) if same else {}))
+    data = as_trained(data, meta) if same else data  # a fine-tuning run's --upsample, as it trained
     check_data(data, meta)
     if "RANK" in os.environ:  # under a launcher; one process needs no process group
         dist.init()

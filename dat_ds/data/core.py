@@ -76,6 +76,7 @@ class DatasetInfo:
     classes: Optional[Tuple[int, ...]] = None  # original class ids kept (--classes), label i = classes[i]
     settings: dict = field(default_factory=dict)  # the dataset's own settings as given (e.g. image_column)
     class_names: Optional[Tuple[str, ...]] = None  # the name of label i (after --classes), where the data names them
+    resized_from: Optional[Tuple[int, int]] = None  # (channels, size) of the files, resized for a model
 
     def meta(self) -> dict:
         """What a checkpoint records so a model can be rebuilt without retyping settings."""
@@ -86,6 +87,8 @@ class DatasetInfo:
             meta["dataset_settings"] = dict(self.settings)
         if self.class_names is not None:
             meta["class_names"] = list(self.class_names)
+        if self.resized_from is not None:
+            meta["resized_from"] = list(self.resized_from)
         return meta
 
 
