@@ -142,3 +142,25 @@ def test_finetune_bad_input_exits_with_one_line(pretrained, tmp_path, args, mess
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+def test_an_upsampled_finetune_is_evaluated_as_it_trained(tmp_path):
+    """The end-of-run hint after a --upsample fine-tune works: evaluate.py resizes the test images as
+    the run did (the checkpoint records resized_from) and measures the run's own clean accuracy."""
+    _checkpoint(tmp_path / "pre.pt")
+    out = tmp_path / "ft"
+    r = run_recipe(["--from", tmp_path / "pre.pt", "--dataset", "digits", "--upsample", "--attack", "none",
+                    "--epochs", "1", "--train-limit", "64", "--eval-limit", "40", "--eval-steps", "1",
+                    "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json", "--output-dir", out],
+                   script="recipes/finetune.py", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hint = f"python recipes/evaluate.py --checkpoint {out}"
+    assert hint in r.stdout, r.stdout[-2000:]
+    assert read_states(find_checkpoint(out))["meta"]["resized_from"] == [1, 8]
+    r = run_recipe(["--checkpoint", out, "--eval-limit", "40", "--no-autoattack", "--pgd-steps", "1",
+                    "--eps-sweep", "--steps-sweep"], script="recipes/evaluate.py", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads((out / "summary.json").read_text())
+    evaluated = json.loads((out / "eval" / "eval_summary.json").read_text())
+    assert evaluated["eval_samples"] == trained["eval_samples"] == 40
+    assert evaluated["clean_acc"] == pytest.approx(trained["clean_acc"], abs=1e-9)
