@@ -1,6 +1,7 @@
 """recipes/export.py: the weights in the backbone's own format and model.pt2, each loaded in a fresh
 process that never imports dat-ds and compared with dat-ds's predictions on the same images."""
 import json
+import re
 import subprocess
 import sys
 
@@ -144,3 +145,52 @@ def test_the_recipe_exports_a_run_and_refuses_bad_input(exported, tmp_path):
         r = run_recipe(args, script=EXPORT, timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+def _readme_export_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_export_snippets_give_dat_ds_predictions(tmp_path, monkeypatch):
+    """The Export section's snippets, copied as written (and its `# or:` local-dir alternative),
+    give the model's own predictions: each loads the weights in eval mode."""
+    model_file = _checkpoint(tmp_path / "ckpt", "test_resnet", "native", 1, 28, tmp_path / "hf")
+    model, meta = load_model(model_file)
+    export_model(model, meta, tmp_path / "exported" / "fmnist")
+    torch.manual_seed(3)
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        ours = model(images)
+    block = _readme_export_block()
+    program, rest = block.split("# timm/", 1)
+    timm_part = "# timm/" + rest.split("# transformers/", 1)[0]
+    local_dir = timm_part.replace("# or: model = ", "model = ")
+    assert local_dir != timm_part, "the README names the local-dir: alternative"
+    monkeypatch.chdir(tmp_path)
+    for name, code in (("model.pt2", program), ("timm", timm_part), ("timm local-dir", local_dir)):
+        scope = {"images": images}
+        with torch.no_grad():
+            exec(compile(code, f"README.md Export ({name})", "exec"), scope)
+        assert torch.allclose(scope["logits"], ours, atol=1e-4, rtol=1e-4), name
+
+
+def test_readme_transformers_snippet_takes_grey_images(tmp_path, monkeypatch):
+    """The snippet's transformers part, given grey PIL images (Fashion-MNIST) for a 3-channel model,
+    feeds them as dat-ds did (repeated to RGB) and gives dat-ds's predictions."""
+    import numpy as np
+    from PIL import Image
+    backbone, stem, chans, size, _ = CASES["hf_vit_grey"]
+    model, meta = load_model(_checkpoint(tmp_path / "ckpt", backbone, stem, chans, size, tmp_path / "hf"))
+    export_model(model, meta, tmp_path / "exported" / "run")
+    torch.manual_seed(3)
+    images = (torch.rand(4, 1, size, size) * 255).round() / 255  # what 8-bit grey files hold
+    pil_images = [Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8)) for x in images]
+    code = "# transformers/" + _readme_export_block().split("# transformers/", 1)[1]
+    monkeypatch.chdir(tmp_path)
+    scope = {"pil_images": pil_images}
+    with torch.no_grad():
+        exec(compile(code, "README.md Export (transformers)", "exec"), scope)
+        ours = model(images)
+    assert torch.allclose(scope["logits"], ours, atol=1e-4, rtol=1e-4)
