@@ -141,12 +141,12 @@ def test_imagefolders_with_other_classes_train_on_the_union_of_class_names(tmp_p
     roots = [write_named_folder(tmp_path / d, names) for d, names in
              (("a", ("cat", "dog")), ("b", ("bird", "dog")), ("c", ("bird",)))]  # c: one class only
     infos = [load_dataset("imagefolder", str(d), img_size=16) for d in roots]
-    facts = [FolderFacts.of(info, str(d), str(d)) for info, d in zip(infos, roots)]
+    facts = [FolderFacts.of(info, str(d)) for info, d in zip(infos, roots)]
     assert agreed_classes(facts) == (3, ("bird", "cat", "dog"))
     monkeypatch.setattr(dist, "all_gather_object", lambda obj: facts)
     for info, root in zip(infos, roots):
-        agreed = agree(info, str(root), str(root))
-        assert agreed.num_classes == 3
+        agreed = agree(info, str(root))
+        assert agreed.num_classes == 3 and agreed.class_names == ("bird", "cat", "dog")
         for ds in (agreed.train, agreed.test):
             labels = {Path(ds.paths[i]).parent.name: int(ds[i][1]) for i in range(len(ds))}
             assert labels == {name: ("bird", "cat", "dog").index(name) for name in os.listdir(root / "train")}
@@ -393,3 +393,5 @@ def test_every_dataset_format_trains_on_two_ranks_from_their_own_folders(tmp_pat
     assert summary["eval_samples"] == test_samples and summary["updates"] >= 1
     _, meta = load_model(out / "checkpoints" / "epoch0000" / "mp_rank_00_model_states.pt")
     assert meta["num_classes"] == classes
+    if kind == "imagefolder":
+        assert meta["class_names"] == ["bird", "cat", "dog"]  # the union, as the head's labels

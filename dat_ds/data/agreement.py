@@ -12,12 +12,10 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from .. import dist
 from .core import DataError, DatasetInfo
@@ -37,22 +35,20 @@ class FolderFacts:
     train: int
 
     @classmethod
-    def of(cls, info: DatasetInfo, folder: str, data_dir: Optional[str]) -> "FolderFacts":
-        names, union = class_names(info.train, data_dir)
+    def of(cls, info: DatasetInfo, folder: str) -> "FolderFacts":
+        names, union = class_names(info)
         return cls(folder, info.num_classes, names, union, (info.in_chans, info.img_size), tuple(info.mean),
                    tuple(info.std), len(info.train))
 
 
-def class_names(ds: Dataset, data_dir: Optional[str]) -> Tuple[Optional[Tuple[str, ...]], bool]:
-    """``(class names, whether labels are positions in their sorted order)`` of a training set read
-    from ``data_dir``; ``(None, False)`` where the labels are plain ids (IDX, CIFAR, integer columns)."""
-    if isinstance(ds, FolderImages):  # an ImageFolder: labels index torchvision's sorted class folders
-        from torchvision.datasets.folder import find_classes
-        return tuple(find_classes(os.path.join(data_dir, "train"))[0]), True
-    if isinstance(ds, HFImages):
-        import datasets as hfds
-        feature = ds.ds.features[ds.label_column]
-        return (tuple(feature.names), False) if isinstance(feature, hfds.ClassLabel) else (None, False)
+def class_names(info: DatasetInfo) -> Tuple[Optional[Tuple[str, ...]], bool]:
+    """``(class names that labels index, whether they are the sorted names a folder holds)``;
+    ``(None, False)`` where labels are ids shared by every folder (IDX, CIFAR, integer columns),
+    whatever names the dataset gives them."""
+    if isinstance(info.train, FolderImages):  # an ImageFolder: labels index its sorted class folders
+        return tuple(info.class_names), True
+    if isinstance(info.train, HFImages) and info.class_names is not None:  # a ClassLabel's names
+        return tuple(info.class_names), False
     return None, False
 
 
@@ -85,11 +81,10 @@ def agreed_stats(facts: Sequence[FolderFacts]) -> Tuple[Tuple[float, ...], Tuple
             tuple(round(float(v), 4) for v in np.sqrt(np.maximum(var, 1e-12))))
 
 
-def agree(info: DatasetInfo, folder: str, data_dir: Optional[str] = None) -> DatasetInfo:
-    """``info`` (read from ``data_dir``; ``folder`` names it in messages) with the classes, shape and
-    normalization every folder uses (collective); an ImageFolder's labels become positions in the
-    union of the folders' class names."""
-    mine = FolderFacts.of(info, folder, data_dir)
+def agree(info: DatasetInfo, folder: str) -> DatasetInfo:
+    """``info`` (read from ``folder``) with the classes, shape and normalization every folder uses
+    (collective); an ImageFolder's labels become positions in the union of the folders' class names."""
+    mine = FolderFacts.of(info, folder)
     every = dist.all_gather_object(mine)
     shapes = {f.shape: f.folder for f in every}
     if len(shapes) > 1:

@@ -132,7 +132,7 @@ class Placement:
             raise DataError(problem)
         train, test, stats = loaded
         info = agree(DatasetInfo(name=self.dataset, train=train, test=test, settings=settings, **stats._asdict()),
-                     self.folder(), self.data_dir)
+                     self.folder())
         info = select_classes(info, classes)
         return replace(info, train=info.train.subset(train_limit), test=info.test.subset(eval_limit))
 
