@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,44 @@ def test_checkpoint_errors_name_the_flag_given_and_what_was_expected(monkeypatch
     assert lines[0].startswith(f"evaluate.py: error: {config} is not a checkpoint but a JSON file; expected a run's "
                                "--output-dir"), lines
     assert "unpickled" not in lines[0] and "operand" not in lines[0]
+
+
+def test_under_the_launcher_a_signal_to_the_ranks_stops_once_with_128_plus_n(tmp_path):
+    """The README's Signals table, row 'deepspeed, the ranks only': one stop line for the job, and
+    the launcher passes on the ranks' 128 + 15."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import clean_env
+    from dat_ds.dist import free_port
+    from dat_ds.engine import COMPLETE
+    out = tmp_path / "run"
+    cmd = [Path(sys.executable).with_name("deepspeed"), "--num_gpus", "2", "--master_port", free_port(),
+           str(ROOT / "recipes" / "fashion_mnist_dat.py"), "--backbone", "test_resnet", "--stem", "native",
+           "--train-limit", "4000", "--eval-limit", "32", "--steps", "1", "--eval-steps", "1", "--epochs", "2",
+           "--save-every", "4", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json",
+           "--output-dir", out]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not list((out / "checkpoints").glob(f"epoch0000-batch*/{COMPLETE}")):
+            assert proc.poll() is None and time.time() - t0 < 300, "no mid-epoch checkpoint"
+            time.sleep(0.05)
+        ranks = [k for k in psutil.Process(proc.pid).children(recursive=True)
+                 if "--local_rank" in " ".join(k.cmdline())]
+        assert len(ranks) == 2
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    stops = [line for line in log.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and stops[0].startswith("fashion_mnist_dat.py: stopped by SIGTERM at epoch 0"), log[-3000:]
+    assert (out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / COMPLETE).is_file()
