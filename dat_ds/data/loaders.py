@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .core import Streamed
+
 
 class ShardSampler(Sampler[int]):
     """Rank ``r`` of ``n`` reads indices ``r, r + n, ...``: disjoint, no padding, exact counts."""
@@ -127,7 +129,10 @@ def _pin() -> bool:
 
 def train_loader(ds: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 0) -> DataLoader:
-    """Shuffled, rank-sharded batches of ``batch_size`` (the per-rank micro-batch); drops the ragged end."""
+    """Shuffled, rank-sharded batches of ``batch_size`` (the per-rank micro-batch); drops the ragged end.
+    A :class:`~.core.Streamed` split makes its own loader."""
+    if isinstance(ds, Streamed):
+        return ds.train_loader(batch_size, rank, world_size, seed, num_workers)
     if len(ds) < batch_size * world_size:
         raise ValueError(f"the training set has {len(ds)} samples, fewer than one global batch "
                          f"({batch_size} x {world_size} ranks); raise --train-limit or lower the batch size")
