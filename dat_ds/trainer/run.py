@@ -89,7 +89,7 @@ def _train(run: Run, cfg: TrainConfig) -> dict:
     begin, partial = EpochState(), None
     if cfg.resume:
         begin, partial = ckpt.resume(run.engine, run.ckpt_dir, run.picked, run.attack, run.compressor, run.progress,
-                                     run.guard, run.ema, cfg.seed)
+                                     run.guard, run.ema, cfg.seed, run.loader)
         if run.picked is not None:
             saved_batch = run.picked[1].get("meta", {}).get("batch", {})
             remap_schedule(run.engine, saved_batch.get("global", run.global_batch), run.global_batch)
@@ -234,7 +234,8 @@ def _at_boundary(run: Run, state: EpochState, totals: Totals) -> bool:
     if due or run.guard.stop_requested:
         run.guard.settle()  # a deferred agreement's counts and LR go into the checkpoint settled
         make_one_model(run)
-        rank = ckpt.capture(engine, run.attack, run.compressor, state, totals, run.timers, run.progress, run.ema)
+        rank = ckpt.capture(engine, run.attack, run.compressor, state, totals, run.timers, run.progress, run.ema,
+                            run.loader)
         with run.watchdog.paused():
             run.saves(ckpt.save, engine, run.ckpt_dir, state, run.progress, run.meta, rank, run.guard)
         run.last_save = engine.global_steps  # also after a failed save: the next one is due in save_every steps

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 from .. import dist
 from ..seeding import derived_seed, seed_everything
@@ -72,6 +73,7 @@ class RankState:
     partial: Optional[PartialEpoch] = None
     carry: dict = field(default_factory=dict)
     ema: dict = field(default_factory=dict)  # the weights' EMA (dat_ds.ema), when the run keeps one
+    loader: dict = field(default_factory=dict)  # inside an epoch: a stateful loader's position (dat_ds.data.shards)
 
     def to_dict(self) -> dict:
         out = {"buffers": self.buffers, "attack": self.attack, "compressor": self.compressor}
@@ -81,6 +83,8 @@ class RankState:
             out["carry"] = self.carry
         if self.ema:
             out["ema"] = self.ema
+        if self.loader:
+            out["loader"] = self.loader
         return out
 
     @classmethod
@@ -90,7 +94,7 @@ class RankState:
             carry = dict(zip(("x", "y", "x_adv"), d["pending"]))
         partial = PartialEpoch(**d["partial"]) if d.get("partial") else None
         return cls(d.get("buffers", {}), d.get("attack", {}), d.get("compressor", {}), partial, carry,
-                   d.get("ema", {}))
+                   d.get("ema", {}), d.get("loader", {}))
 
 
 @dataclass
@@ -103,8 +107,9 @@ class Progress:
 
 
 def capture(engine, attack, compressor, state: Optional[EpochState] = None, totals: Optional[Totals] = None,
-            timers=None, progress: Optional[Progress] = None, ema=None) -> RankState:
-    """This rank's state now; with ``state``/``totals``/``timers`` also the epoch in progress."""
+            timers=None, progress: Optional[Progress] = None, ema=None, loader=None) -> RankState:
+    """This rank's state now; with ``state``/``totals``/``timers`` also the epoch in progress (and the
+    position of a ``loader`` that keeps one, torch's ``Stateful``)."""
     rank = RankState({name: b.detach().clone() for name, b in engine.module.named_buffers()},
                      attack.state_dict(), compressor.state_dict())
     if ema is not None:
@@ -114,6 +119,8 @@ def capture(engine, attack, compressor, state: Optional[EpochState] = None, tota
                                     progress.skipped_at_start)
         ctx_carry = _carry_context(engine, state)
         rank.carry = attack.shape.carry_state(ctx_carry, attack)
+        if isinstance(loader, Stateful):
+            rank.loader = loader.state_dict()
     return rank
 
 
@@ -151,7 +158,7 @@ def pick(ckpt_dir: Path, meta: dict) -> Optional[Tuple[str, dict]]:
 
 
 def resume(engine, ckpt_dir: Path, picked: Optional[Tuple[str, dict]], attack, compressor, progress: Progress,
-           guard, ema=None, seed: int = 0) -> Tuple[EpochState, Optional[PartialEpoch]]:
+           guard, ema=None, seed: int = 0, loader=None) -> Tuple[EpochState, Optional[PartialEpoch]]:
     """Load checkpoint ``picked`` into the engine, the attack, the compressor, ``progress`` and
     ``guard``; returns where to start and the partial epoch (None at an epoch's end).
 
@@ -181,6 +188,8 @@ def resume(engine, ckpt_dir: Path, picked: Optional[Tuple[str, dict]], attack, c
         compressor.load_merged_state(rank.compressor)
     if ema is not None and rank.ema:
         ema.load_state_dict(rank.ema)
+    if rank.loader and isinstance(loader, Stateful):
+        loader.load_state_dict(rank.loader)  # refuses a position this loader cannot continue
     progress.watch.load_state_dict(client.watch)
     progress.totals, progress.row = client.totals, client.metrics
     guard.consecutive = client.nonfinite_consecutive
@@ -212,10 +221,11 @@ def mapped_rank_state(tag_dir: Path, saved_world: int, compressor, seed: int, st
     * the attack's state (Free-m's perturbation, ConAdv's weight history): old rank
       ``rank mod saved_world``'s; ConAdv's look-ahead batch is not carried over (its samples are
       trained again from the epoch's order);
-    * the epoch's partial totals (loss, bytes): old rank ``rank mod saved_world``'s.
+    * the epoch's partial totals (loss, bytes) and a stateful loader's position: old rank
+      ``rank mod saved_world``'s (a loader that cannot go on on this world refuses it).
     """
     old = [RankState.from_dict(torch.load(tag_dir / f"rank{r}.pt", weights_only=True)) for r in range(saved_world)]
     mine = old[dist.rank() % saved_world]
     seed_everything(derived_seed(seed, dist.rank(), step))
     return RankState(old[0].buffers, mine.attack, type(compressor).merge_states([o.compressor for o in old]),
-                     mine.partial, {}, old[0].ema)
+                     mine.partial, {}, old[0].ema, mine.loader)
