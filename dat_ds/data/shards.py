@@ -92,6 +92,7 @@ class ShardMeta:
     val_labels: tuple
     order_seed: int
     format: str = FORMAT
+    class_names: Optional[tuple] = None  # the name of label i, where the source names its classes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -101,7 +102,9 @@ class ShardMeta:
         text = _read_text(join(root, META), cache_dir)
         try:
             d = json.loads(text)
-            meta = cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"]), "val_labels": tuple(d["val_labels"])})
+            names = d.get("class_names")
+            meta = cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"]), "val_labels": tuple(d["val_labels"]),
+                          "class_names": None if names is None else tuple(names)})
         except (ValueError, TypeError, KeyError) as err:
             raise DataError(f"shards: {join(root, META)} is not a dat-ds shard description ({err})") from None
         if meta.format != FORMAT:
@@ -373,7 +376,7 @@ def shards(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = 
     if len(test.stream) != len(meta.val_labels):
         raise DataError(f"shards: {join(data_dir, 'val')} holds {len(test.stream)} samples, {META} lists "
                         f"{len(meta.val_labels)}")
-    return Loaded(train, test, Stats(meta.num_classes, meta.in_chans, size, meta.mean, meta.std))
+    return Loaded(train, test, Stats(meta.num_classes, meta.in_chans, size, meta.mean, meta.std, meta.class_names))
 
 
 shards.internal_settings = ("name", "data_dir", "img_size")
@@ -467,7 +470,8 @@ def write_shards(info, out: str, seed: int = 0, chunk_bytes: str = "64MB",
         native = next(iter(sizes))[0] if len(sizes) == 1 and len(set(next(iter(sizes)))) == 1 else None
         meta = ShardMeta(info.name, info.num_classes, info.in_chans, info.img_size, native,
                          "L" if info.in_chans == 1 else "RGB", tuple(info.mean), tuple(info.std), len(train_labels),
-                         tuple(val_labels), seed)
+                         tuple(val_labels), seed,
+                         class_names=None if info.class_names is None else tuple(info.class_names))
         (work / META).write_text(meta.to_json())
         if target.exists():
             target.rmdir()
