@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import attacks, dist
 from .attacks import Attack
 from .data import Placement, ShardSampler, _batch_collate, raw_batches, to_device
+from .progress import EvalProgress
 from .speed import input_format
 
 
@@ -261,10 +262,11 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch.device, batch_size: int = 256,
-                 seed: int = 0, num_workers: int = 0, progress: bool = False,
+                 seed: int = 0, num_workers: int = 0, progress: Union[bool, EvalProgress] = False,
                  placement: Optional[Placement] = None) -> SampleTable:
     """Clean and robust correctness of every test sample: each rank attacks its blocks of the
     dataset, and the per-sample table is summed over ranks (each row is filled by one rank).
+    ``progress``: an :class:`EvalProgress` (True: one on stderr) reports each evaluation per batch.
     ``placement`` (local data): ``dataset`` is this rank's folder's, its blocks are dealt among
     the ranks of that folder, and the table is the union of the folders' (:meth:`Placement.union`)."""
     names = ["clean", *(spec.name for spec in specs)]
@@ -281,25 +283,22 @@ def sample_table(model: nn.Module, dataset, specs: Sequence[Spec], device: torch
     table = torch.zeros(len(dataset), 2 + len(specs), dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
-    bar = _bar(len(sampler), progress)
-    for (start, stop), (x, y) in zip(sampler.ranges(), loader):
+    report = progress if isinstance(progress, EvalProgress) else EvalProgress(enabled=None if progress else False)
+    report.begin(len(sampler), math.ceil(len(dataset) / batch_size), [spec.name for spec in specs])
+    for batch, ((start, stop), (x, y)) in enumerate(zip(sampler.ranges(), loader)):
         x, y = to_device(x, y, device, input_format(model))  # channels-last for a model laid out so
         with torch.no_grad():
             clean = model(x).argmax(1) == y
-        cols = [y, clean, *(spec.correct(model, x, y, clean, (seed, start)) for spec in specs)]
+        cols = [y, clean]
+        for spec in specs:
+            with report.step(batch, spec.name):
+                cols.append(spec.correct(model, x, y, clean, (seed, start)))
         table[start:stop] = torch.stack([c.long() for c in cols], 1).cpu()
-        if bar is not None:
-            bar.update(1)
+        report.batch_done()
+    report.end()
     model.train(was_training)
     table = _sum_over_ranks(table, device) if placement is None else placement.union(table)
     return SampleTable(table[:, 0], {n: table[:, i + 1].bool() for i, n in enumerate(names)})
-
-
-def _bar(total: int, show: bool):
-    if not (show and dist.is_main()):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="evaluating (rank 0's batches)", leave=False, dynamic_ncols=True, mininterval=2.0)
 
 
 def plot_sweep(records: Sequence[dict], x: str, path, title: str) -> None:

@@ -12,7 +12,6 @@ checkpoint. Outputs go to ``<run>/eval``: ``eval_summary.json``, ``per_sample.cs
 import argparse
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dat_ds.checkpoint_io import find_checkpoint, load_model, run_dir
 from dat_ds.data import dataset_names, load_dataset
 from dat_ds.evaluate import NORMS, AutoAttackSpec, PGDSpec, plot_sweep, sample_table
 from dat_ds.metrics import write_json_atomic
+from dat_ds.progress import EvalProgress
 from dat_ds.transfer import as_trained
 
 EPS_SWEEP = (0, 0.25, 0.5, 1, 1.5, 2)  # multiples of --eps (the DAT paper's Figure 3)
@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--wandb-project", default="dat-ds", help="W&B project")
+    g.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="progress lines on stderr (rank 0): each evaluation's start and end on the first batch, "
+                        "then at most one start every SECONDS and the end of any evaluation that took longer (5)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)
     return p
@@ -98,6 +101,7 @@ def make_specs(args, meta: dict) -> dict:
     """Every evaluation the flags ask for, as specs; bad values raise ValueError."""
     limits = [("--batch-size", args.batch_size, 1), ("--eval-limit", args.eval_limit, 1), ("--seed", args.seed, 0)]
     limits += [("--pgd-steps", k, 1) for k in args.pgd_steps] + [("--restarts", r, 1) for r in args.restarts]
+    limits.append(("--progress-every", args.progress_every, 0))
     for flag, value, low in limits:
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -200,7 +204,7 @@ def main(argv=None) -> dict:
     device = dist.device()
     t0 = time.perf_counter()
     table = sample_table(model.to(device), data.test, _unique(specs), device, args.batch_size, args.seed,
-                         args.num_workers, progress=sys.stderr.isatty())
+                         args.num_workers, progress=EvalProgress(args.progress_every))
     out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
     settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
                 "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
