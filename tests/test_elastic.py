@@ -110,8 +110,11 @@ def test_batch_rule_keeps_the_global_batch_where_accumulation_can():
 
 
 def test_a_resumed_pass_trains_the_minibatches_its_remaining_samples_make():
+    same = EpochState(0, 3, 4, carry={"pending": 1}, consumed_base=192, done_base=3)  # same world: left alone
+    assert place_in_pass(same, plan_passes(20, 2, 1, 3), 64) is same
     plan = plan_passes(20, 2, 1, 3)  # 18 minibatches a pass on this world
-    state = place_in_pass(EpochState(0, consumed_base=5 * 96), plan, 32 * 2)  # 480 of 18 x 64 = 1152 trained
+    # 480 of this world's 18 x 64 = 1152 samples trained
+    state = place_in_pass(EpochState(0, consumed_base=5 * 96, regrouped=True), plan, 32 * 2)
     assert state.drawn == state.done == 18 - 9 and state.consumed(state.drawn, 64) == 480
 
 

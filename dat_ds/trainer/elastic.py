@@ -53,13 +53,13 @@ def adapt_batch(ds_cfg: dict, world: int, micro: int, gas: int, marker: Optional
 def place_in_pass(begin: EpochState, plan: PassPlan, samples_per_minibatch: int) -> EpochState:
     """A pass resumed from another world's checkpoint, in this world's minibatches: ``done`` and
     ``drawn`` set so that the pass trains exactly the minibatches its remaining samples make."""
-    if not begin.consumed_base:
+    if not begin.regrouped:
         return begin
     limit = plan.batches[begin.epoch] if begin.epoch < plan.passes else 0
     step = plan.gas // math.gcd(plan.replays, plan.gas)
     remaining = max(0, limit * samples_per_minibatch - begin.consumed_base) // samples_per_minibatch // step * step
     done = limit - remaining
-    return EpochState(begin.epoch, done, done, consumed_base=begin.consumed_base, done_base=done)
+    return EpochState(begin.epoch, done, done, consumed_base=begin.consumed_base, done_base=done, regrouped=True)
 
 
 def remap_schedule(engine, old_global: int, new_global: int) -> None:

@@ -35,6 +35,7 @@ class EpochState:
     # samples of the epoch's order had been trained (dat_ds.data.ResumableSampler counts in samples)
     consumed_base: int = 0
     done_base: int = 0
+    regrouped: bool = False  # resumed from a checkpoint of another number of ranks
 
     def where(self) -> str:
         return f"epoch {self.epoch}, batch {self.done}"

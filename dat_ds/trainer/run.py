@@ -199,7 +199,7 @@ def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch])
     engine = run.engine
     if getattr(run.loader.sampler, "elastic", False):  # counts in samples: resumable on another world size
         start_epoch(run.loader, state.epoch, consumed=state.consumed(state.drawn, run.micro * dist.world_size()))
-    elif state.consumed_base:
+    elif state.regrouped:
         raise ValueError("--resume on another number of ranks inside an epoch needs a sampler that counts samples "
                          "(dat_ds.data.ResumableSampler); resume on the checkpoint's number of ranks, or from an "
                          "epoch's end")

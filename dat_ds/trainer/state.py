@@ -201,7 +201,7 @@ def resume(engine, ckpt_dir: Path, picked: Optional[Tuple[str, dict]], attack, c
     if not same_world:
         saved_batch = marker.get("meta", {}).get("batch", {})
         consumed = client.consumed if client.consumed is not None else done * saved_batch.get("micro", 0) * saved_world
-        return EpochState(epoch, consumed_base=consumed if done else 0), partial
+        return EpochState(epoch, consumed_base=consumed if done else 0, regrouped=bool(done)), partial
     begin = EpochState(epoch, done, partial.drawn if partial else 0)
     if done:
         if client.consumed is not None:
