@@ -456,8 +456,9 @@ def _check_img_size(cfg, given: set) -> None:
 
 
 def _same_component(kind: str, registered: str, chosen: str) -> bool:
-    # datasets with a prefix (hf:NAME) register the prefix
-    return registered == chosen or (kind == "dataset" and registered.endswith(":") and chosen.startswith(registered))
+    # a family of datasets (hf:NAME) is listed as its prefix and a placeholder (hf:NAME_OR_PATH)
+    prefix, colon, _ = registered.partition(":")
+    return registered == chosen or (kind == "dataset" and bool(colon) and chosen.startswith(prefix + colon))
 
 
 def _chosen_text(chosen: dict, entry: dict) -> str:

@@ -134,3 +134,11 @@ def test_a_hidden_test_split_is_passed_over(tmp_path):
                  validation=split(1, class_label=False))
     info = load_dataset(f"hf:{path}")
     assert len(info.test) == 3 and sorted(info.test.labels.tolist()) == [0, 1, 2] and info.num_classes == 3
+
+
+def test_hf_setting_flags_reach_the_dataset_from_the_command_line():
+    """``--label-column`` and ``--hf-split`` are settings of the ``hf:`` family, whatever its name or path."""
+    from dat_ds import cli
+    args = cli.parser("test").parse_args(["--dataset", "hf:some/folder", "--label-column", "fine", "--hf-split",
+                                          "validation"])
+    assert cli.train_config(args).dataset_kwargs == {"label_column": "fine", "hf_split": "validation"}
