@@ -9,17 +9,29 @@ the veth ends alike), and the private subnet is derived from it, so parallel run
 collide. ``cleanup_stale()`` removes namespaces of this prefix whose pid is no longer alive
 (left by a run killed with SIGKILL). Both veth ends shape their egress with a token bucket
 (``tc qdisc ... tbf rate 1gbit``), so the link is rate-limited in both directions.
+
+``delay`` (e.g. ``"20ms"`` each way, a 40 ms round trip) needs a delay line, and this kernel has
+no ``sch_netem`` (``tc ... netem`` says "Specified qdisc kind is unknown"; of the classful and
+shaping qdiscs only ``tbf`` and ``htb`` are built in). The link is then two TUN devices, one per
+namespace, each still shaped by ``tbf``, joined by :class:`DelayWire`: a thread of this process
+that writes every packet read from one device into the other ``delay`` later. The devices use a
+9000-byte MTU (jumbo frames), so 100 Mbit/s is ~1,400 packets/s each way for the wire.
 """
 from __future__ import annotations
 
 import atexit
+import fcntl
 import functools
+import heapq
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
+import struct
 import subprocess
+import threading
 import time
 from typing import List, Optional
 
@@ -100,17 +112,89 @@ def _kill_inside(ns: str) -> None:
             pass
 
 
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+WIRE_MTU = 9000
+
+
+def seconds(text: str) -> float:
+    """``"20ms"`` / ``"0.5s"`` / ``"300us"`` as seconds."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(us|ms|s)?\s*", text)
+    if not m:
+        raise ValueError(f"not a delay: {text!r} (e.g. 20ms)")
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}[m.group(2)]
+
+
+def open_tun(name: str) -> int:
+    """A new TUN device ``name`` (layer 3, no packet information header); returns its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+class DelayWire:
+    """Two TUN devices joined in user space: a packet read from one is written to the other
+    ``delay_s`` seconds after it was read (one thread, a heap of due packets). The kernel's queues
+    and ``tbf`` sit before the wire, so the wire adds delay only."""
+
+    def __init__(self, fds: List[int], delay_s: float):
+        self.fds, self.delay_s = fds, delay_s
+        self.packets = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delay-wire", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for k, fd in enumerate(self.fds):
+            sel.register(fd, selectors.EVENT_READ, self.fds[1 - k])
+        due: list = []  # (time to write, sequence, fd to write to, packet)
+        seq = 0
+        while not self._stop.is_set():
+            wait = min(0.05, max(0.0, due[0][0] - time.monotonic())) if due else 0.05
+            for key, _ in sel.select(wait):
+                while True:
+                    try:
+                        packet = os.read(key.fd, 65536)
+                    except (BlockingIOError, OSError):
+                        break
+                    seq += 1
+                    heapq.heappush(due, (time.monotonic() + self.delay_s, seq, key.data, packet))
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                _, _, fd, packet = heapq.heappop(due)
+                try:
+                    os.write(fd, packet)
+                    self.packets += 1
+                except OSError:  # the receiving stack's queue is full: dropped, as a wire drops it
+                    pass
+        sel.close()
+
+
 class Link:
     """Namespaces ``datb<pid>a`` / ``datb<pid>b``, addresses ``10.X.Y.1`` / ``10.X.Y.2``."""
 
-    def __init__(self, rate: Optional[str] = "1gbit", burst: str = "256kb", latency: str = "20ms"):
+    def __init__(self, rate: Optional[str] = "1gbit", burst: str = "256kb", latency: str = "20ms",
+                 delay: Optional[str] = None):
         pid = os.getpid()
         self.ns = [f"{PREFIX}{pid}a", f"{PREFIX}{pid}b"]
         self.dev = list(self.ns)  # veth end k lives in namespace k under the same name (<= 15 chars)
         subnet = f"10.{200 + (pid >> 8) % 50}.{pid % 256}"
         self.addrs = [f"{subnet}.1", f"{subnet}.2"]
-        self.rate, self.burst, self.latency = rate, burst, latency
+        self.rate, self.burst, self.latency, self.delay = rate, burst, latency, delay
         self.procs: List[subprocess.Popen] = []
+        self.wire: Optional[DelayWire] = None
         self._up = False
         self._old_handlers = {}
 
@@ -141,17 +225,26 @@ class Link:
         a, b = self.ns
         for ns in self.ns:
             _ip("netns", "add", ns)
-        _ip("link", "add", "tmp" + a, "type", "veth", "peer", "name", "tmp" + b)
+        fds = []
+        if self.delay:  # two TUN devices and a delay line between them (no sch_netem here)
+            fds = [open_tun("tmp" + ns) for ns in self.ns]
+            self.wire = DelayWire(fds, seconds(self.delay))
+        else:
+            _ip("link", "add", "tmp" + a, "type", "veth", "peer", "name", "tmp" + b)
         for k, ns in enumerate(self.ns):
             _ip("link", "set", "tmp" + ns, "netns", ns)
             _ip("-n", ns, "link", "set", "tmp" + ns, "name", self.dev[k])
             _ip("-n", ns, "addr", "add", f"{self.addrs[k]}/24", "dev", self.dev[k])
+            if self.delay:
+                _ip("-n", ns, "link", "set", self.dev[k], "mtu", str(WIRE_MTU))
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", self.dev[k], "up")
             if self.rate:
                 subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", self.dev[k], "root", "tbf",
                                 "rate", self.rate, "burst", self.burst, "latency", self.latency],
                                check=True, capture_output=True, text=True)
+        if self.wire is not None:
+            self.wire.start()
 
     def down(self) -> None:
         """Stop every process started in the namespaces, then delete them (idempotent)."""
@@ -163,6 +256,9 @@ class Link:
         for ns in self.ns:
             _kill_inside(ns)
             _ip("netns", "del", ns, check=False)
+        if self.wire is not None:
+            self.wire.stop()  # closing the fds removes the TUN devices
+            self.wire = None
         _ip("link", "del", "tmp" + self.ns[0], check=False)  # a pair that never reached its namespace
         self._up = False
 

@@ -35,6 +35,47 @@ def test_link_is_rate_limited_and_removed():
     assert not _veths(link.ns)
 
 
+PING = """
+import socket, sys, time
+if sys.argv[1] == "serve":
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[2], 5001))
+    s.listen(1)
+    c = s.accept()[0]
+    while c.recv(1):
+        c.sendall(b"q")
+else:
+    for _ in range(100):
+        try:
+            c = socket.create_connection((sys.argv[2], 5001))
+            break
+        except OSError:
+            time.sleep(0.1)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rtts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        c.sendall(b"p")
+        c.recv(1)
+        rtts.append(time.perf_counter() - t)
+    print(min(rtts))
+"""
+
+
+@needs_netns
+def test_a_delayed_link_takes_its_round_trip_and_leaves_nothing():
+    with netns.Link(rate="100mbit", delay="20ms") as link:
+        assert "rate 100Mbit" in link.qdisc(0) and "rate 100Mbit" in link.qdisc(1)
+        server = link.popen(1, [sys.executable, "-c", PING, "serve", link.addrs[1]])
+        client = link.popen(0, [sys.executable, "-c", PING, "ping", link.addrs[1]], stdout=subprocess.PIPE, text=True)
+        out = client.communicate(timeout=60)[0]
+        server.wait(10)
+        assert link.wire.packets > 10
+    assert float(out) >= 0.040  # 20 ms each way (a lower bound: a busy machine only adds to it)
+    assert not set(link.ns) & set(netns.namespaces()) and not _veths(link.ns)
+
+
 @needs_netns
 def test_stale_namespaces_of_dead_runs_are_removed():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
