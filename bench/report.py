@@ -52,8 +52,9 @@ def plot_split(name: str, data: dict) -> str:
     """Stacked compute / comm seconds per epoch (link benchmark)."""
     plt = _plt()
     raw = data["raw"]
-    labels = [r["label"] for r in raw]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    several = len({r.get("link") for r in raw}) > 1  # rows of several links: name each row's link
+    labels = [r["label"] + (f" ({r.get('link')})" if several else "") for r in raw]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6 + (0.25 * len(raw) if several else 0)))
     compute = [r["compute_s"] / r["steps_per_epoch"] for r in raw]
     comm = [r["comm_s"] / r["steps_per_epoch"] for r in raw]
     ax.barh(labels, compute, label="computation")
@@ -62,8 +63,8 @@ def plot_split(name: str, data: dict) -> str:
     ax.set_xlabel("seconds per step")
     ax.legend(fontsize=7)
     ax.set_title(data.get("title", name), fontsize=9)
-    fig.text(0.01, 0.01, caption(data) + f"; link {data['settings'].get('rate')}, {data['settings'].get('backbone')}",
-             fontsize=6)
+    links = ", ".join(dict.fromkeys(r["link"] for r in raw)) if several else data["settings"].get("rate")
+    fig.text(0.01, 0.01, caption(data) + f"; link {links}, {data['settings'].get('backbone')}", fontsize=6)
     return _save(fig, f"{name}_split.png")
 
 
