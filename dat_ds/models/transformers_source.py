@@ -244,9 +244,11 @@ class TransformersSource(BackboneSource):
         _set_labels(hf.config, meta["num_classes"], recorded_class_names(meta))
         hf.save_pretrained(str(folder), safe_serialization=True)
         norm, size = normalization(model), meta["img_size"]
+        # grey images reach an RGB model repeated to 3 channels, as in training (PIL's convert("RGB"))
+        rgb = getattr(hf.config, "num_channels", 3) == 3
         ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=2, do_rescale=True,
                           rescale_factor=1 / 255, do_normalize=True, image_mean=norm["mean"],
-                          image_std=norm["std"]).save_pretrained(str(folder))
+                          image_std=norm["std"], do_convert_rgb=rgb).save_pretrained(str(folder))
         call = ", interpolate_pos_encoding=True" if model.backbone.interpolate else ""
         return (f"transformers/: save_pretrained folder + preprocessor_config.json "
                 f"(AutoModelForImageClassification.from_pretrained(...)(pixel_values=...{call}))")
