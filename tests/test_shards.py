@@ -71,10 +71,14 @@ def test_converter_writes_every_readable_image_and_training_reads_them_back(fold
     assert len(data.train) == n_good and len(data.test) == len(src.test)
     assert len(list((out / "train").glob("chunk-*.bin"))) == -(-n_good // 7)
     assert all(f"skipping unreadable image {p}" in r.stderr for p in bad)
-    # the test split: the same pixels in the same order (the files' own bytes, read by random access)
-    x_src, y_src = read_batch(src.test, range(len(src.test)))
+    # the test split: the files' own bytes in their order, read by random access (Pillow's decode)
+    from PIL import Image
+
+    from dat_ds.data.folder import image_transforms
+    test_tf = image_transforms(24)[1]
+    x_src = torch.stack([test_tf(Image.open(p).convert("RGB")) for p in src.test.paths]).float() / 255
     x, y = read_batch(data.test, range(len(data.test)))
-    assert torch.equal(x, x_src) and torch.equal(y, y_src)
+    assert torch.equal(x, x_src) and y.tolist() == src.test.labels.tolist()
     # the training split: every readable sample once per epoch (ragged end aside), with its own label
     loader = recorded(data.train, 4)
     ids, batches = epoch_ids(loader, 0)

@@ -62,7 +62,6 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # litdata asks PyPI
 
 FORMAT = "dat-ds shards 1"
 META = "dataset.json"
-SPLITS = ("train", "val")
 URL_SCHEMES = ("s3://", "gs://", "azure://", "hf://", "http://", "https://")
 
 
@@ -186,7 +185,11 @@ class ShardImages(ImageSamples):
 
     def _open(self, i: int):
         from PIL import Image
-        return Image.open(io.BytesIO(self.stream[int(self.rows[i])]["image"]))
+        return Image.open(io.BytesIO(self._encoded(i)))
+
+    def _encoded(self, i: int) -> bytes:
+        """The encoded file of sample ``i``, as the shard holds it."""
+        return self.stream[int(self.rows[i])]["image"]
 
     def where(self, i: int) -> str:
         return f"{self.root} sample {int(self.rows[i])}"
@@ -402,7 +405,7 @@ def encoded(ds: Dataset, i: int) -> bytes:
         cell = ds.ds[int(i)][ds.image_column]
         return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
     if isinstance(ds, ShardImages):
-        return ds.stream[int(ds.rows[i])]["image"]
+        return ds._encoded(i)
     raise DataError(f"cannot write shards of a {type(ds).__name__} dataset")
 
 
