@@ -1,7 +1,9 @@
 """Process-group helpers that also work at world size 1 (a plain ``python recipe.py`` run).
 
-Under the ``deepspeed`` launcher RANK/WORLD_SIZE/MASTER_* are set; a single process gets a
-one-rank world on a free loopback port so every code path (DeepSpeed included) is the same.
+Under the ``deepspeed`` launcher or ``torchrun`` RANK/WORLD_SIZE/MASTER_* are set; a single
+process gets a one-rank world on a free loopback port so every code path (DeepSpeed included) is
+the same. Under torchrun's elastic agent each round of workers (the first start and every
+restart) forms its world on a store of its own (:func:`round_store`).
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import datetime
 import io
 import os
 import re
+import secrets
 import socket
 import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -48,12 +52,68 @@ def init(timeout: Optional[float] = None) -> None:
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
-    if get_accelerator().communication_backend_name() == "nccl":
+    backend = get_accelerator().communication_backend_name()
+    if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective aborts
         seconds += NCCL_GRACE
+    timeout = datetime.timedelta(seconds=seconds)
+    store = round_store(timeout)
+    if store is not None:  # DeepSpeed takes over a process group that exists
+        tdist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     with _without_build_notice():
-        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=seconds))
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
     _unlink_shm_buffer()
+
+
+ROUND_KEY = "dat_ds/round"  # in torchrun's agent store: "PORT TOKEN" of the current round
+TOKEN_KEY = "dat_ds/round_token"  # in rank 0's token server: the same TOKEN
+CONNECT_S = 5.0  # seconds one try to reach an announced token server may take
+_TOKEN_SERVER: list = []  # rank 0 keeps its round's token server for the life of the process
+
+
+def round_store(timeout: datetime.timedelta):
+    """The store of this round of workers under torchrun's elastic agent; None under another launcher.
+
+    torchrun's c10d rendezvous keeps one store for every round (``TORCHELASTIC_USE_AGENT_STORE``),
+    so a restarted group finds the previous round's keys there: gloo and nccl read the dead
+    ranks' addresses and fail to connect (PyTorch issue 135712). Each round therefore works under
+    a prefix of its own in the agent's store (which outlives every rank): a random token rank 0
+    announces there, which the other ranks take once rank 0's token server answers with it (a
+    stale announcement names a port of a process that is gone)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return None
+    host = os.environ["MASTER_ADDR"]
+    agent = tdist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return tdist.PrefixStore(f"dat_ds/round/{_round_token(agent, host, timeout)}/", agent)
+
+
+def _round_token(agent, host: str, timeout: datetime.timedelta) -> str:
+    if int(os.environ["RANK"]) == 0:
+        token = secrets.token_hex(16)
+        server = tdist.TCPStore(host, 0, int(os.environ["WORLD_SIZE"]), is_master=True, timeout=timeout,
+                                wait_for_workers=False)
+        server.set(TOKEN_KEY, token)
+        _TOKEN_SERVER.append(server)
+        agent.set(ROUND_KEY, f"{server.port} {token}")
+        return token
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        port, token = agent.get(ROUND_KEY).decode().split()
+        if _answers(host, int(port), token):
+            return token
+        time.sleep(0.2)
+    raise TimeoutError(f"rank 0 announced no token of this round in {timeout.total_seconds():.0f} s")
+
+
+def _answers(host: str, port: int, token: str) -> bool:
+    """Whether a token server at ``host:port`` answers with ``token``."""
+    try:  # a plain connect first: a gone process's port refuses at once, and quietly
+        socket.create_connection((host, port), timeout=CONNECT_S).close()
+        server = tdist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=CONNECT_S))
+        return server.get(TOKEN_KEY).decode() == token
+    except (OSError, RuntimeError):  # torch's DistError is a RuntimeError
+        return False
 
 
 @contextlib.contextmanager
@@ -99,6 +159,12 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def launcher_rank() -> int:
+    """The rank a launcher gave this process (``RANK``), without joining its world; 0 without one.
+    For jobs one process does (an export) when a launcher started several."""
+    return int(os.environ.get("RANK", 0))
 
 
 def is_main() -> bool:

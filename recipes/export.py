@@ -17,7 +17,7 @@
 """
 import argparse
 
-from dat_ds import cli
+from dat_ds import cli, dist
 from dat_ds.checkpoint_io import find_checkpoint, load_model
 from dat_ds.models.export import export_model, writable_folder
 
@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
 def main():
     args = parser().parse_args()
     model_file = find_checkpoint(args.checkpoint)
+    if dist.launcher_rank() != 0:  # started by a launcher on several ranks: one writes, the others are done
+        return
     model, meta = load_model(model_file)
     out = writable_folder(args.out)
     manifest = export_model(model, meta, out)
