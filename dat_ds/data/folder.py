@@ -14,9 +14,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .core import DATASETS, DataError, Loaded, Stats
+from .decode import RandomResizedCropFlip, ResizeCenterCrop
 from .images import FolderImages
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_DECODER = "simplejpeg"  # the fastest per worker in bench/loader_bench.py (bench/REPORT.md)
 
 
 def index_folder(root: Path, class_to_idx: Optional[Dict[str, int]] = None) -> Tuple[np.ndarray, np.ndarray, list]:
@@ -55,7 +57,15 @@ def image_transforms(img_size: int, native: Optional[int] = None):
             T.Compose([T.Resize(int(img_size * 256 / 224)), T.CenterCrop(img_size), T.PILToTensor()]))
 
 
-def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[FolderImages, FolderImages, list]:
+def decoding_transforms(img_size: int, decoder: str) -> Tuple[RandomResizedCropFlip, ResizeCenterCrop]:
+    """:func:`image_transforms`'s ImageNet pair on encoded files: each picks its region from the
+    header and ``decoder`` decodes at the scale the region needs (see :mod:`.decode`)."""
+    return (RandomResizedCropFlip(img_size, decoder),
+            ResizeCenterCrop(img_size, decoder, resize=int(img_size * 256 / 224)))
+
+
+def load_imagefolder(data_dir: Optional[str], img_size: int = 224,
+                     decoder: str = DEFAULT_DECODER) -> Tuple[FolderImages, FolderImages, list]:
     """``(train, test, class names)``: label i is the i-th class folder in sorted order."""
     if not data_dir or not Path(data_dir).is_dir():
         raise DataError(f"imagefolder needs --data-dir with train/ and val/ class folders, got {data_dir}")
@@ -66,17 +76,25 @@ def load_imagefolder(data_dir: Optional[str], img_size: int = 224) -> Tuple[Fold
             raise DataError(f"imagefolder: missing {path} (expected train/ and val/ class folders)")
     train_paths, train_labels, names = index_folder(splits["train"])
     test_paths, test_labels, _ = index_folder(splits["test"], {n: i for i, n in enumerate(names)})
-    train_tf, test_tf = image_transforms(img_size)
+    train_tf, test_tf = decoding_transforms(img_size, decoder)
     train = FolderImages(train_paths, train_labels, train_tf, by_class=True, eval_transform=test_tf)
     test = FolderImages(test_paths, test_labels, test_tf, by_class=True)
     return train, test, list(names)
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None) -> Loaded:
-    """An ImageNet-layout folder of any size; RGB, ImageNet normalization, 224 px unless --img-size."""
+def imagefolder(name: str, data_dir: Optional[str] = None, img_size: Optional[int] = None,
+                decoder: str = DEFAULT_DECODER) -> Loaded:
+    """An ImageNet-layout folder of any size; RGB, ImageNet normalization, 224 px unless --img-size.
+
+    Settings:
+        decoder: how JPEGs are decoded: simplejpeg (libjpeg-turbo, at the DCT scale the crop needs;
+            the default), pil-draft (Pillow's draft mode, the same scaling) or pil (Pillow, full size:
+            torchvision's transforms byte for byte). The crops are the same; the pixels of a scaled
+            decode differ slightly from a full one.
+    """
     size = img_size or 224
-    train, test, names = load_imagefolder(data_dir, size)
+    train, test, names = load_imagefolder(data_dir, size, decoder)
     return Loaded(train, test, Stats(len(names), 3, size, IMAGENET_MEAN, IMAGENET_STD, tuple(names)))
 
 

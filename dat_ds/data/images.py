@@ -1,5 +1,9 @@
 """Datasets of encoded images decoded one sample at a time (folders, Hugging Face datasets).
 
+A :class:`~.decode.DecodingTransform` (the ``imagefolder`` crops) gets a sample's encoded bytes
+and decodes them itself, at the scale its crop needs; any other transform gets the image as
+Pillow decodes it.
+
 **Bad samples: skip and count.** An image that cannot be decoded (truncated, garbage, an
 unknown format) is found when a loader first reads it, mid-epoch. The dataset names it on
 stderr (``skipping unreadable image PATH: reason``, once per process), returns the next
@@ -24,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .core import DataError
+from .decode import DecodingTransform
 from .sampling import stratified_indices
 
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error)  # what PIL raises on bad bytes
@@ -69,6 +74,10 @@ class ImageSamples(Dataset):
         """An open PIL image for sample ``i``."""
         raise NotImplementedError
 
+    def _encoded(self, i: int) -> bytes:
+        """The encoded file of sample ``i`` (for a :class:`~.decode.DecodingTransform`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not hand out encoded files")
+
     def where(self, i: int) -> str:
         """The file (or row) of sample ``i``, for messages."""
         raise NotImplementedError
@@ -91,8 +100,7 @@ class ImageSamples(Dataset):
         for k in range(MAX_BAD_IN_A_ROW):
             j = (first + k) % len(self)
             try:
-                with self._open(j) as image:
-                    x = self.transform(image.convert(self.mode))
+                x = self._read(j)
                 if not self.raw and x.dtype == torch.uint8:
                     x = x.float().div_(255)
             except BAD_IMAGE_ERRORS as err:
@@ -101,6 +109,14 @@ class ImageSamples(Dataset):
             label = int(self.labels[j])
             return x, self.label_map[label] if self.label_map else label
         raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self.where(first)}")
+
+    def _read(self, i: int):
+        """Sample ``i`` through the transform: a :class:`~.decode.DecodingTransform` gets the
+        encoded bytes (it decodes at the scale its crop needs), any other transform the decoded image."""
+        if isinstance(self.transform, DecodingTransform):
+            return self.transform(self._encoded(i), self.mode)
+        with self._open(i) as image:
+            return self.transform(image.convert(self.mode))
 
     def _report_bad(self, i: int, err: BaseException, count: bool) -> None:
         if count:
@@ -153,6 +169,10 @@ class FolderImages(ImageSamples):
         from PIL import Image
         return Image.open(str(self.paths[i]))
 
+    def _encoded(self, i: int) -> bytes:
+        with open(str(self.paths[i]), "rb") as f:
+            return f.read()
+
     def where(self, i: int) -> str:
         return str(self.paths[i])
 
@@ -181,6 +201,13 @@ class HFImages(ImageSamples):
         if cell.get("bytes") is not None:
             return Image.open(io.BytesIO(cell["bytes"]))
         return Image.open(cell["path"])
+
+    def _encoded(self, i: int) -> bytes:
+        cell = self.ds[int(i)][self.image_column]
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        with open(cell["path"], "rb") as f:
+            return f.read()
 
     def where(self, i: int) -> str:
         path = self.ds[int(i)][self.image_column].get("path")
