@@ -13,7 +13,16 @@ side by side in one run:
   ``os.scandir`` walk as the floor; median of ``--repeats``, imports excluded), extrapolated
   linearly to ImageNet's 1,281,167 files;
 * **images/s per worker**: decode + RandomResizedCrop(224) + flip + to-tensor through a
-  ``DataLoader`` with 1 and 2 workers, for each reader.
+  ``DataLoader`` with 1 and 2 workers, for each reader;
+* **decoders**: dat-ds's training transform (RandomResizedCrop + flip, uint8) with each decoder
+  of ``dat_ds.data.decode`` (``pil`` full decode, ``pil-draft``, ``simplejpeg``) and, where it
+  imports, ``pyturbojpeg`` (it needs the system's libturbojpeg; measured here, not shipped):
+  images/s in one process and through a ``DataLoader`` with one worker, in ``--rounds``
+  interleaved rounds (median; ratios to ``pil`` taken within each round), at each
+  ``--img-sizes``, with the share of crops decoded reduced; then the loader workers the GPU's
+  training rates in ``bench/results/gpu.json`` need at that per-worker rate.
+
+    python bench/loader_bench.py --classes 20 --per-class 100 --decoder-images 384  # ~10 min
 
 Writes ``bench/results/loader.json`` (rendered by ``bench/report.py``).
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -194,7 +204,134 @@ def throughput(ds, workers: int, n: int, batch: int = 32) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def main(argv=None):
+# --- decoders -------------------------------------------------------------------------------------
+
+class TurboJPEGDecoder:
+    """``pyturbojpeg`` (ctypes over the system's libturbojpeg) with the same DCT scaling and the
+    same crop and resize as dat-ds's ``simplejpeg``: measured beside dat-ds's decoders, not
+    shipped (it needs a system library, not only pip)."""
+
+    def __init__(self):
+        from turbojpeg import TurboJPEG
+        self.jpeg = TurboJPEG()
+
+    def open(self, data: bytes):
+        from dat_ds.data.decode import PILEncoded
+        try:
+            w, h, _, _ = self.jpeg.decode_header(data)
+        except OSError:
+            return PILEncoded(data, draft=True)
+        return turbojpeg_encoded(self.jpeg, data, (w, h))
+
+
+def turbojpeg_encoded(jpeg, data: bytes, size):
+    """dat-ds's libjpeg-turbo image (:class:`~dat_ds.data.decode.TurboEncoded`) decoded by pyturbojpeg."""
+    from turbojpeg import TJPF_RGB
+    from dat_ds.data.decode import TurboEncoded
+
+    class Encoded(TurboEncoded):
+        def array(self, scale: int):
+            try:
+                return jpeg.decode(self.data, TJPF_RGB, scaling_factor=(1, scale))
+            except OSError as err:
+                raise ValueError(str(err)) from None
+    return Encoded(data, size)
+
+
+def bench_decoders() -> tuple:
+    """``(decoder names, notes)``: dat-ds's decoders, and ``pyturbojpeg`` registered for this run
+    where it imports and finds its library."""
+    from dat_ds.data.decode import DECODERS
+    names = ["pil", "pil-draft", "simplejpeg"]
+    try:
+        TurboJPEGDecoder()
+    except (ImportError, OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return names, [f"pyturbojpeg not measured: {reason}"]
+    if "pyturbojpeg" not in DECODERS:
+        DECODERS.register("pyturbojpeg")(TurboJPEGDecoder)
+    return names + ["pyturbojpeg"], []
+
+
+def in_process(ds, idx) -> float:
+    """Images/s of ``ds[i]`` for ``idx`` in this process: decode + augment on one core, no loader."""
+    ds[idx[0]]
+    t0 = time.perf_counter()
+    for i in idx:
+        ds[i]
+    return (len(idx) - 1) / (time.perf_counter() - t0) if len(idx) > 1 else float("nan")
+
+
+def reduced_share(paths, size: int, n: int = 2000) -> float:
+    """Share of RandomResizedCrop(size) boxes (seeded draws over the folder's image sizes) that
+    decode reduced, at 1/2 or less."""
+    import torch
+    from PIL import Image
+    from dat_ds.data.decode import RandomResizedCropFlip, dct_scale
+    crop = RandomResizedCropFlip(size, "pil")
+    sizes = [Image.open(str(p)).size for p in paths[:n]]
+    torch.manual_seed(0)
+    boxes = [crop.box(w, h) for w, h in sizes]
+    return sum(dct_scale(r - x, b - y, size, size) > 1 for x, y, r, b in boxes) / len(boxes)
+
+
+def measure_decoders(paths, labels, sizes, images: int, rounds: int) -> tuple:
+    """``(rows, notes)``: per decoder and size, median images/s in one process and through one
+    loader worker over ``rounds`` interleaved rounds, and the medians of the per-round ratios to pil."""
+    import torch
+    from dat_ds.data import FolderImages
+    from dat_ds.data.folder import decoding_transforms
+    names, notes = bench_decoders()
+    idx = np.random.default_rng(0).choice(len(paths), min(images, len(paths)), replace=False).tolist()
+    rows = []
+    for size in sizes:
+        data = {name: FolderImages(paths, labels, decoding_transforms(size, name)[0], raw=True) for name in names}
+        proc, loader = {n: [] for n in names}, {n: [] for n in names}
+        for r in range(rounds):
+            for name, ds in data.items():
+                torch.manual_seed(r)
+                proc[name].append(in_process(ds, idx))
+                loader[name].append(throughput(ds, 1, len(idx)))
+                print(f"decoder {name} {size} px, round {r}: {proc[name][-1]:.0f} img/s in process, "
+                      f"{loader[name][-1]:.0f} img/s one worker", flush=True)
+        share = reduced_share(paths, size)
+        for name in names:
+            rows.append({"decoder": name, "img_size": size, "reduced_share": share if name != "pil" else 0.0,
+                         "in_process_img_s": statistics.median(proc[name]),
+                         "in_process_vs_pil": statistics.median(a / b for a, b in zip(proc[name], proc["pil"])),
+                         "img_s_per_worker": statistics.median(loader[name]),
+                         "vs_pil": statistics.median(a / b for a, b in zip(loader[name], loader["pil"]))})
+    return rows, notes
+
+
+def gpu_rates() -> dict:
+    """``{label: images/s}`` of ResNet-50 (224 px) training on the GPU from ``results/gpu.json``;
+    empty where that file or model is missing."""
+    path = Path(__file__).resolve().parent / "results" / "gpu.json"
+    try:
+        models = json.loads(path.read_text())["sections"]["throughput"]["models"]
+        model = next(m for m in models if m["model"] == "resnet50" and m["img_size"] == 224)
+        gpu = json.loads(path.read_text())["machine"].get("gpu", "GPU")
+    except (OSError, KeyError, StopIteration, ValueError):
+        return {}
+    methods = {m["method"]: m for m in model["methods"]}
+    rates = {}
+    if "natural" in methods:
+        rates[f"natural ({gpu})"] = methods["natural"]["images_per_s"]
+        rates[f"natural, bare loop ({gpu})"] = methods["natural"]["bare_images_per_s"]
+    if "pgd-3" in methods:
+        rates[f"PGD-3 ({gpu})"] = methods["pgd-3"]["images_per_s"]
+    return rates
+
+
+def workers_needed(rows: list, rates: dict) -> None:
+    """Adds ``workers`` to each 224 px row: ``{rate label: ceil(rate / per-worker images/s)}``."""
+    for row in rows:
+        if row["img_size"] == 224 and row["img_s_per_worker"] > 0:
+            row["workers"] = {k: math.ceil(v / row["img_s_per_worker"]) for k, v in rates.items()}
+
+
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=default_cache(), help="where the generated JPEGs are kept")
     p.add_argument("--classes", type=int, default=100)
@@ -203,8 +340,21 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=1024, help="images decoded per throughput measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3, help="index timings per reader (the median is kept)")
+    p.add_argument("--decoder-images", type=int, default=512, help="images decoded per decoder measurement")
+    p.add_argument("--img-sizes", type=int, nargs="+", default=[224, 160], help="crop sizes the decoders serve")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decoder measurements")
+    p.add_argument("--decoders-only", action="store_true",
+                   help="only the decoders (no index or readers; for a GPU's host: its cores, many workers, nvJPEG)")
+    p.add_argument("--many-workers", type=int, default=0,
+                   help="also read with this many workers per decoder (what a whole host's cores give)")
+    p.add_argument("--gpu-host", type=Path, default=None,
+                   help="a --decoders-only results file from a GPU's host, shown beside this run's")
     p.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/loader.json)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = args.cache / f"{args.classes}x{args.per_class}"
     load_before = os.getloadavg()[0]
@@ -212,7 +362,29 @@ def main(argv=None):
     files = args.classes * args.per_class
     size_mb = sum(f.stat().st_size for f in (root / "train").rglob("*.JPEG")) / 2**20
     print(f"{files} JPEGs in {root / 'train'} ({size_mb:.0f} MiB; generated in {gen_s:.0f} s)", flush=True)
-    rows, made, hf_cache = measure_index(root / "train", files, args.repeats)
+    if args.decoders_only:
+        from dat_ds.data.folder import index_folder
+        paths, labels, _ = index_folder(root / "train")
+        payload = {"title": "Decoders on a GPU's host", "machine": machine(),
+                   "settings": {"files": files, "decoder_images": args.decoder_images, "img_sizes": args.img_sizes,
+                                "decoder_rounds": args.rounds, "many_workers": args.many_workers}}
+    else:
+        rows, paths, labels = measure_readers(root / "train", files, args)
+        payload = result(rows, args, files, size_mb, gen_s, load_before)
+    payload["decoders"] = decoders_section(paths, labels, args)
+    if args.gpu_host is not None:
+        payload["gpu_host"] = json.loads(args.gpu_host.read_text())
+    if args.out is None:
+        print(f"written: {save('loader', payload)}")
+    else:
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return payload
+
+
+def measure_readers(root: Path, files: int, args) -> tuple:
+    """``(rows, paths, labels)``: each reader's index time and images/s, and dat-ds's index."""
+    rows, made, hf_cache = measure_index(root, files, args.repeats)
     try:
         data = reader_datasets(made)
         for row in rows:
@@ -225,13 +397,92 @@ def main(argv=None):
                     print(f"{row['reader']}: {w} worker(s) {row[f'img_s_{w}w']:.0f} img/s", flush=True)
     finally:
         shutil.rmtree(hf_cache, ignore_errors=True)
-    payload = result(rows, args, files, size_mb, gen_s, load_before)
-    if args.out is None:
-        print(f"written: {save('loader', payload)}")
-    else:
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"written: {args.out}")
-    return payload
+    paths, labels, _ = made["dat-ds"]
+    return rows, paths, labels
+
+
+def decoders_section(paths, labels, args) -> dict:
+    """The decoders' rows, the GPU rates they are held against, nvJPEG where CUDA is, and notes."""
+    import torch
+    rows, notes = measure_decoders(paths, labels, args.img_sizes, args.decoder_images, args.rounds)
+    rates = gpu_rates()
+    workers_needed(rows, rates)
+    out = {"rows": rows, "gpu_rates": rates, "notes": notes + decoder_notes(args, rates)}
+    if args.many_workers:
+        out["many_workers"] = many_workers(paths, labels, args.many_workers, args.decoder_images * 4)
+    if torch.cuda.is_available():
+        out["nvjpeg"] = [measure_nvjpeg(paths, size, args.decoder_images * 4) for size in args.img_sizes]
+    return out
+
+
+def many_workers(paths, labels, workers: int, images: int) -> list:
+    """Images/s of each decoder's 224 px training reads through ``workers`` workers at once."""
+    from dat_ds.data import FolderImages
+    from dat_ds.data.folder import decoding_transforms
+    names, _ = bench_decoders()
+    out = []
+    for name in names:
+        ds = FolderImages(paths, labels, decoding_transforms(224, name)[0], raw=True)
+        rate = throughput(ds, workers, images)
+        print(f"decoder {name} 224 px, {workers} workers: {rate:.0f} img/s", flush=True)
+        out.append({"decoder": name, "workers": workers, "img_s": rate})
+    return out
+
+
+def measure_nvjpeg(paths, size: int, images: int, batch: int = 128) -> dict:
+    """``torchvision.io.decode_jpeg(device="cuda")`` on batches of files read into memory, then each
+    image's RandomResizedCrop(size) (boxes drawn on the host, crop + antialiased resize on the GPU)
+    and a stack: images/s of the decode alone and of decode + crop, one process, one GPU."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from dat_ds.data.decode import RandomResizedCropFlip
+    files = [torchvision.io.read_file(str(p)) for p in paths[:images]]
+    crop = RandomResizedCropFlip(size, "pil")
+
+    def run(with_crop: bool) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(files), batch):
+            decoded = torchvision.io.decode_jpeg(files[i:i + batch], device="cuda")
+            if with_crop:
+                outs = []
+                for im in decoded:
+                    left, top, right, bottom = crop.box(im.shape[2], im.shape[1])
+                    outs.append(F.interpolate(im[None, :, top:bottom, left:right].float(), size=(size, size),
+                                              mode="bilinear", antialias=True, align_corners=False))
+                torch.cat(outs)
+        torch.cuda.synchronize()
+        return len(files) / (time.perf_counter() - t0)
+    run(True)  # warm-up: nvJPEG's handles and kernels
+    decode, both = statistics.median(run(False) for _ in range(3)), statistics.median(run(True) for _ in range(3))
+    print(f"nvjpeg {size} px: decode {decode:.0f} img/s, decode + crop {both:.0f} img/s", flush=True)
+    return {"img_size": size, "batch": batch, "images": len(files), "decode_img_s": decode,
+            "decode_crop_img_s": both}
+
+
+def decoder_notes(args, rates: dict) -> list:
+    import torch
+    gpu = "; ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items()) or "no results/gpu.json"
+    return [f"Decoders: dat-ds's training transform (RandomResizedCrop + flip, uint8, the crop drawn from the "
+            f"header before decoding) on {args.decoder_images} random images of the folder per cell; 'one worker': "
+            "a DataLoader with 1 worker and batches of 32 (what a training loader worker does, the copy to the main "
+            "process included); 'in process': the same samples read in a loop. Medians of "
+            f"{args.rounds} interleaved rounds; ratios to pil taken within each round, so load that changes between "
+            "rounds cancels.",
+            "Reduced decodes need a crop at least twice the output on both sides (448 px at 224): rare on these "
+            "160-500 px images and on ImageNet's typical 500x375 photos, so at 224 px the gain is mostly the "
+            "decoder's own speed; at lower resolutions and on larger photos DCT scaling applies more often "
+            "('reduced' column).",
+            "pyturbojpeg needs the system's libturbojpeg (Debian: libturbojpeg0, libjpeg-turbo 2.1; PyTurboJPEG "
+            "2.x requires libjpeg-turbo 3, so 1.8 is measured): not shipped, since dat-ds installs with pip alone; "
+            "simplejpeg wheels carry libjpeg-turbo.",
+            "torchvision.io.decode_jpeg(device='cuda') (nvJPEG) decodes batches on the GPU and takes the decode off "
+            "the loader workers (the file read and the crop's geometry stay on the host; the GPU spends the time "
+            "instead): " + ("measured below, in one process." if torch.cuda.is_available() else
+                            "not measured here, this machine has no GPU."),
+            f"Workers needed = ceil(GPU training rate / images/s of one worker) at 224 px, for ResNet-50 on one "
+            f"GPU ({gpu}). The per-worker rates are this CPU's; a GPU host's cores decode at their own speed."]
 
 
 def result(rows, args, files, size_mb, gen_s, load_before) -> dict:
@@ -257,6 +508,8 @@ def result(rows, args, files, size_mb, gen_s, load_before) -> dict:
             "machine": machine(), "settings": {"files": files, "classes": args.classes, "per_class": args.per_class,
                                                "images_per_cell": args.images, "workers": args.workers,
                                                "index_repeats": args.repeats,
+                                               "decoder_images": args.decoder_images, "img_sizes": args.img_sizes,
+                                               "decoder_rounds": args.rounds,
                                                "generation_s": round(gen_s, 1)},
             "rows": rows, "bars": bars, "notes": notes}
 
