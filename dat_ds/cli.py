@@ -141,6 +141,9 @@ SETTING_HELP = {
     "mean": dict(metavar="M1,M2,M3", help="hf: normalization mean (default: measured on a sample)"),
     "std": dict(metavar="S1,S2,S3", help="hf: normalization std (default: measured on a sample)"),
     "stats_samples": dict(type=int, help="hf: images that measure mean/std (1000)"),
+    "decoder": dict(help="imagefolder: how JPEGs are decoded, the crop drawn from the header first: simplejpeg: "
+                         "libjpeg-turbo at the DCT scale the crop needs (default); pil-draft: the same scaling in "
+                         "Pillow; pil: Pillow in full, torchvision's transforms byte for byte"),
 }
 
 
