@@ -22,7 +22,7 @@ side by side in one run:
   ``--img-sizes``, with the share of crops decoded reduced; then the loader workers the GPU's
   training rates in ``bench/results/gpu.json`` need at that per-worker rate.
 
-    python bench/loader_bench.py --classes 20 --per-class 100 --decoder-images 384  # ~10 min
+    python bench/loader_bench.py --classes 20 --per-class 100 --images 512 --decoder-images 384  # ~5 min, 2 cores
 
 Writes ``bench/results/loader.json`` (rendered by ``bench/report.py``).
 """
