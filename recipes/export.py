@@ -16,6 +16,7 @@
 * ``export.json``: what was written, the input size, normalization and class names.
 """
 import argparse
+import os
 
 from dat_ds import cli, dist
 from dat_ds.checkpoint_io import find_checkpoint, load_model
@@ -27,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="run folder, its checkpoints/ folder, a tag folder or a model-states file")
     p.add_argument("--out", required=True, help="folder to write the exported files into (created if missing)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)  # what the deepspeed launcher and torch.distributed.launch pass
     return p
 
 
