@@ -2,24 +2,17 @@
 with exactly the samples its ranks had not trained (recorded ids), a stateful compressor's state
 mapped, and the batch and schedule rules of dat_ds.trainer.elastic."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, run_deepspeed
+from conftest import ROOT, run_deepspeed
 from dat_ds.compress import create
 from dat_ds.data import ResumableSampler
-from dat_ds.dist import free_port
-from dat_ds.engine import COMPLETE
 from dat_ds.trainer.elastic import adapt_batch, place_in_pass
 from dat_ds.trainer.loop import EpochState
 from dat_ds.trainer.plan import plan_passes
+from stopping import read_ids, stop_inside_the_epoch
 
 RECIPE = ROOT / "recipes" / "fashion_mnist_dat.py"
 N = 640  # training samples; 2 ranks x 32 = 64 per step: 10 steps, a checkpoint every 2
@@ -32,39 +25,11 @@ def epoch_order(n=N, seed=0, epoch=0):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def read_ids(log: Path):
-    """Per rank, the minibatches of indices it read, in order."""
-    return {p.name: [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
-            for p in sorted(log.parent.glob(log.name + ".rank*"))}
-
-
-def stop_after_first_mid_epoch_checkpoint(out, env):
-    """2 ranks, SIGTERM to the launcher's ranks once a mid-epoch checkpoint exists: the run saves
-    at the next minibatch boundary and exits; returns the checkpoint it left."""
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(RECIPE), *map(str, RUN), "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        t0 = time.time()
-        while not list((out / "checkpoints").glob(f"epoch0000-batch*/{COMPLETE}")):
-            assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
-        log = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "stopped by SIGTERM" in log, log[-3000:]
-    return (out / "checkpoints" / "latest").read_text().strip()
-
-
 @pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 3])  # 2 -> 3 in the fast suite
 def test_two_ranks_stopped_mid_epoch_go_on_on_another_number_of_ranks(tmp_path, ranks):
     out, log = tmp_path / "run", tmp_path / "ids"
     env = {"DAT_DS_ID_LOG": str(log), "DAT_DS_IDS_TRAIN": str(N)}
-    tag = stop_after_first_mid_epoch_checkpoint(out, env)
-    done = int(tag.split("batch")[1])
+    done = stop_inside_the_epoch(RECIPE, [*RUN, "--output-dir", out], env)
     before = read_ids(log)
     trained = [i for rank in before.values() for batch in rank[:done] for i in batch]
     for p in log.parent.glob(log.name + ".rank*"):

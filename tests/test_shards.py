@@ -1,21 +1,16 @@
 """Shards (dat_ds.data.shards): the converter on a real image folder, streaming on 2 gloo ranks, and
 exact sample accounting when an epoch interrupted inside is resumed (recorded sample ids)."""
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, run_deepspeed, run_recipe
+from conftest import ROOT, run_deepspeed, run_recipe
+from stopping import read_ids, stop_inside_the_epoch
 from dat_ds.data import DataError, load_dataset, read_batch, start_epoch, train_loader
 from dat_ds.data.shards import ShardLoader, write_shards
-from dat_ds.dist import free_port
-from dat_ds.engine import COMPLETE, ConfigError
+from dat_ds.engine import ConfigError
 from test_data_images import add_bad_images, write_folder
 
 CONVERTER = "recipes/make_shards.py"
@@ -156,37 +151,11 @@ def run_args(data):
             "--save-every", "2", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 
 
-def read_ids(log: Path):
-    return {p.name: [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
-            for p in sorted(log.parent.glob(log.name + ".rank*"))}
-
-
-def stop_inside_the_epoch(args, env):
-    """2 ranks, SIGTERM once a mid-epoch checkpoint exists; returns the checkpoint's batch."""
-    out = Path(args[args.index("--output-dir") + 1])
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(RECIPE), *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        t0 = time.time()
-        while not list((out / "checkpoints").glob(f"epoch0000-batch*/{COMPLETE}")):
-            assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
-        log = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "stopped by SIGTERM" in log, log[-3000:]
-    return int((out / "checkpoints" / "latest").read_text().strip().split("batch")[1])
-
-
 def test_two_ranks_stopped_inside_an_epoch_resume_with_exactly_the_samples_not_yet_trained(fmnist_shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "ids"
     env = {"DAT_DS_ID_LOG": str(log)}
     args = [*run_args(fmnist_shards), "--output-dir", out]
-    done = stop_inside_the_epoch(args, env)
+    done = stop_inside_the_epoch(RECIPE, args, env)
     before = {rank: batches[:done] for rank, batches in read_ids(log).items()}
     for p in log.parent.glob(log.name + ".rank*"):
         p.unlink()
@@ -207,7 +176,7 @@ def test_two_ranks_stopped_inside_an_epoch_resume_with_exactly_the_samples_not_y
 def test_an_epoch_interrupted_inside_is_refused_on_another_number_of_ranks(fmnist_shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "ids"
     args = [*run_args(fmnist_shards), "--output-dir", out]
-    stop_inside_the_epoch(args, {"DAT_DS_ID_LOG": str(log)})
+    stop_inside_the_epoch(RECIPE, args, {"DAT_DS_ID_LOG": str(log)})
     r = run_deepspeed(RECIPE, [*args, "--resume"], num_ranks=1, env={"DAT_DS_ID_LOG": str(log)}, timeout=600)
     errors = [line for line in (r.stdout + r.stderr).splitlines() if ": error: " in line]
     assert r.returncode == 2 and len(errors) == 1 and "read by 2 rank(s)" in errors[0], r.stderr[-2000:]
