@@ -201,6 +201,6 @@ def test_a_corrupt_checkpoint_fails_cleanly_from_the_command_line(robust_run, tm
     r = run_recipe(["--checkpoint", tmp_path], script=EVAL, timeout=120)
     assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
-    assert len(lines) == 1 and "cannot read checkpoint" in lines[0], r.stderr[-2000:]
+    assert len(lines) == 1 and "is not a checkpoint" in lines[0] and MODEL_FILE in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "eval").exists()
