@@ -33,6 +33,6 @@ setup(
         "simplejpeg>=1.9",  # JPEG decoding at the DCT scale a crop needs (imagefolder --decoder simplejpeg)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "markdown-it-py"],  # markdown-it-py: tests/test_readme.py
     },
 )

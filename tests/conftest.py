@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    """How much of README.md the suite runs (tests/test_readme.py), when that file was collected."""
+    readme = sys.modules.get("test_readme")
+    if readme is not None:
+        terminalreporter.write_line(readme.census())
+
+
 @pytest.fixture(scope="session")
 def fmnist():
     """The real Fashion-MNIST test split (10,000 images) from the IDX files."""
