@@ -44,7 +44,8 @@ test: setup data
 test-slow: setup data
 	$(PYTEST) -m slow
 
-# hours on 2 CPU cores (the large-batch study alone ~3.5 h, resumable: finished runs are kept);
+# hours on 2 CPU cores (the large-batch study ~3.5 h and its equal-epoch curve ~4 h more, resumable:
+# finished runs are kept);
 # the link benchmark needs root (without it, its table says so)
 bench: setup data
 	$(PY) bench/step_cost.py --repeats 3
@@ -57,6 +58,7 @@ bench: setup data
 	$(PY) bench/loader_bench.py
 	$(PY) bench/fault_bench.py
 	$(PY) bench/large_batch.py --at-lamb --max-minutes 120
+	$(PY) bench/large_batch.py --at-lamb --part curve conadv curve-aa table --max-minutes 240
 	$(PY) bench/report.py
 
 # on a CUDA machine (< 8 min on one GPU): GPU step costs, syncs, codecs, nccl, fused LAMB -> bench/results/gpu.json

@@ -25,6 +25,17 @@ Design (every choice on a validation split, the test set only for the final tabl
 * ``ema``: AT-SGD and DAT-LAMB 8x again with ``"ema"`` in the ds_config;
 * ``epochs``: DAT-LAMB and DAT-SGD at 8x with each of ``--more-epochs`` epochs (``--seeds`` seeds,
   the LR chosen at ``--epochs``): how many epochs large-batch DAT needs to reach AT's RA at ``--epochs``;
+* ``curve``: the equal-epoch curve, run by the current code: AT-SGD and AT-LAMB at AT's batch,
+  DAT-LAMB and DAT-SGD at 8x, each at every ``--curve-epochs`` (3, 6, 12) with its own LR schedule,
+  ``--seeds`` seeds, the sweep's LRs; longest rows first, each evaluated (PGD-10) as soon as trained;
+* ``conadv``: ConAdv (one-step attack on one-update-old weights, clean + adversarial loss) at 8x
+  with DAT-LAMB's LR, ``--conadv-epochs``, against the curve's DAT-LAMB row of those epochs;
+* ``curve-aa``: AutoAttack on the first ``--curve-aa-limit`` test images for seed 0 of the longest
+  AT-SGD and DAT-LAMB curve rows;
+* ``table`` also models the time to robustness: the wall-clock to reach AT-SGD's RA at each of its
+  epoch counts, AT on one rank against DAT on ``--ttr-ranks`` ranks, from the measured per-image
+  training cost (this machine: the curve's runs; H200: ``gpu.json``) and a ring all-reduce of the
+  gradients over the link ``bench/link_bench.py`` measured;
 * ``evaluate``: PGD-10 on the 10,000 test images and AutoAttack (standard) on the first
   ``--aa-limit`` of them, through ``recipes/evaluate.py``, on the validation-best checkpoint.
 
@@ -35,6 +46,7 @@ study runs in parts::
     python bench/large_batch.py --plan                          # what is done, what is left, estimate
     python bench/large_batch.py --part sweep --max-minutes 60   # a slice; run again to go on
     python bench/large_batch.py --part final ema epochs evaluate   # evaluate: the runs of the parts named
+    python bench/large_batch.py --at-lamb --part curve conadv curve-aa --max-minutes 120   # the curve
     python bench/large_batch.py --part table                    # large_batch.json + plot from stored runs
 
 ``--part pilot`` trains one AT and one DAT run on a slice of the data (stored apart, never in
@@ -65,8 +77,13 @@ RUNS = RESULTS / "large_batch_runs"
 # configs have since taken the study's choices; a fixed reference keeps every stored run's key meaning
 # the same LR.
 REFERENCE_LR = {"lamb_fp32.json": 0.05, "sgd_momentum.json": 0.1, "lsgd.json": 0.1}
-PARTS = ("pilot", "sweep", "final", "ema", "epochs", "evaluate", "table")
+PARTS = ("pilot", "sweep", "final", "ema", "epochs", "curve", "conadv", "curve-aa", "evaluate", "table")
 ATTACK_LABEL = {"pgd": "PGD", "fgsm_rs": "FGSM"}
+# The curve's methods, in the order their runs are trained (the goal's pair first): name, optimizer, scale.
+CURVE_METHODS = ("AT-SGD", "DAT-LAMB", "DAT-SGD", "AT-LAMB")
+# Training flags of an attack beyond --attack: ConAdv trains on clean and adversarial loss together.
+ATTACK_FLAGS = {"conadv": ["--loss", "mix"]}
+LABELS = {**ATTACK_LABEL, "conadv": "ConAdv"}
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,7 @@ def train(run: Run, args, port: int) -> dict:
               "--eval-steps", "10", "--seed", str(run.seed), "--output-dir", str(out), "--resume"]
     if run.attack == "pgd":
         recipe += ["--steps", str(args.pgd_steps)]
+    recipe += ATTACK_FLAGS.get(run.attack, [])
     if args.train_limit:
         recipe += ["--train-limit", str(args.train_limit + args.holdout)]
     t0 = time.perf_counter()
@@ -216,16 +234,21 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def evaluate(record: dict, args, port: int) -> dict:
-    """PGD-10 on the test images and AutoAttack on the first ``--aa-limit``, validation-best weights."""
+def evaluate(record: dict, args, port: int, autoattack_only: bool = False) -> dict:
+    """PGD-10 on the test images and AutoAttack on the first ``--aa-limit``, validation-best weights
+    (``autoattack_only``: AutoAttack alone, on the first ``--curve-aa-limit``)."""
     out = ROOT / record["output_dir"]
     best = out / "checkpoints" / "best"
     ckpt = str(best if best.is_dir() else out)
     common = ["recipes/evaluate.py", "--checkpoint", ckpt, "--eps-sweep", "--steps-sweep", "--batch-size", "250"]
-    result = {"eval_walls": {}, "eval_cpu": {}}
     passes = [("pgd", ["--pgd-steps", "10", "--no-autoattack"] + _limit(args.test_limit))]
-    if args.aa_limit and record["run"]["seed"] < args.aa_seeds and (args.aa_all or headline(record, args)):
+    # the curve's rows get AutoAttack from part curve-aa, once every PGD row is in
+    if (record["run"]["phase"] != "curve" and args.aa_limit and record["run"]["seed"] < args.aa_seeds
+            and (args.aa_all or headline(record, args))):
         passes.append(("autoattack", ["--pgd-steps", "1", "--autoattack", "--eval-limit", str(args.aa_limit)]))
+    if autoattack_only:
+        passes = [("autoattack", ["--pgd-steps", "1", "--autoattack", "--eval-limit", str(args.curve_aa_limit)])]
+    result = {"eval_walls": dict(record.get("eval_walls", {})), "eval_cpu": dict(record.get("eval_cpu", {}))}
     for name, flags in passes:
         eval_dir = out / f"eval_{name}"
         log = _beside(out, f".eval_{name}.log")
@@ -351,6 +374,56 @@ def final_runs(args, phase: str = "final", choose=None) -> List[Run]:
     return runs
 
 
+def curve_methods(args) -> List[Method]:
+    """The curve's methods: AT at AT's batch, DAT at the smallest DAT scale, in ``CURVE_METHODS`` order."""
+    by = {f"{m.name}-{m.optimizer}": m for m in methods(args.scales, at_lamb=True)
+          if m.scale in (1, min(args.scales))}
+    return [by[name] for name in CURVE_METHODS if name in args.curve_methods]
+
+
+def curve_runs(args) -> List[Run]:
+    """Equal-epoch runs of the current code: every curve method at every ``--curve-epochs``, PGD
+    training with the LR its sweep chose, ``--seeds`` seeds; longest runs first (the goal's rows),
+    seed by seed. Trained and evaluated one after the other, so a stopped study leaves whole rows."""
+    out = []
+    for epochs in sorted(args.curve_epochs, reverse=True):
+        for seed in range(args.seeds):
+            for m in curve_methods(args):
+                mult = chosen_mult(m, args)
+                if mult is not None:
+                    out.append(Run(m, "pgd", seed, mult, "curve", epochs=epochs))
+    return out
+
+
+def conadv_runs(args) -> List[Run]:
+    """ConAdv (1-step attack on one-update-old weights, clean + adversarial loss) at DAT's smallest
+    scale with DAT-LAMB's LR, ``--conadv-epochs``, ``--seeds`` seeds: against the curve's DAT-LAMB
+    rows of the same epochs."""
+    lamb = next(m for m in methods(args.scales) if m.name == "DAT" and m.optimizer == "LAMB"
+                and m.scale == min(args.scales))
+    mult = chosen_mult(lamb, args)
+    return [] if mult is None else [Run(lamb, "conadv", s, mult, "curve", epochs=args.conadv_epochs)
+                                    for s in range(args.seeds)]
+
+
+def curve_autoattack(args, deadline: float) -> None:
+    """AutoAttack on the first ``--curve-aa-limit`` test images for seed 0 of the longest AT-SGD and
+    DAT-LAMB curve rows (the goal's pair), once their PGD rows are evaluated."""
+    longest = max(args.curve_epochs)
+    for i, run in enumerate(curve_runs(args)):
+        record = load_record(run.key(args))
+        if (run.seed or run.epochs != longest or run.label not in ("AT-SGD", "DAT-LAMB") or record is None
+                or "robust_acc" not in record or record.get("autoattack_samples") == args.curve_aa_limit):
+            continue
+        if time.time() > deadline:
+            print(f"--max-minutes reached: stopping before AutoAttack on {run.key(args)}", flush=True)
+            return
+        print(f"autoattack {run.key(args)} ...", flush=True)
+        record.update(evaluate(record, args, 29500 + (os.getpid() + i) % 400, autoattack_only=True))
+        store(record)
+        print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']}", flush=True)
+
+
 def pilot_runs(args) -> List[Run]:
     at, dat = methods(args.scales)[0], methods(args.scales)[1]
     return [Run(at, "pgd", 0, 1.0, "pilot"), Run(dat, "pgd", 0, 1.0, "pilot")]
@@ -470,10 +543,181 @@ def notes(table: List[dict], args) -> List[str]:
     return out
 
 
+# --- the equal-epoch curve and time to robustness ---------------------------------------------
+
+def curve_rows(args) -> List[dict]:
+    """One row per (attack, method, optimizer, epochs) of the curve and ConAdv runs, over their seeds."""
+    groups: Dict[tuple, list] = {}
+    for run in curve_runs(args) + conadv_runs(args):
+        rec = load_record(run.key(args))
+        if rec is not None and "robust_acc" in rec:
+            m = run.method
+            groups.setdefault((run.attack, m.name, m.optimizer, m.scale, run.epochs), []).append(rec)
+    out = []
+    for (attack, name, opt, scale, epochs), recs in sorted(
+            groups.items(), key=lambda g: (g[0][4], g[0][0] != "pgd", g[0][3], CURVE_METHODS.index(
+                f"{g[0][1]}-{g[0][2]}") if f"{g[0][1]}-{g[0][2]}" in CURVE_METHODS else 9)):
+        ra, ta = [r["robust_acc"] for r in recs], [r["clean_acc"] for r in recs]
+        aa = [r for r in recs if r.get("autoattack_acc") is not None]
+        out.append({"method": f"{name}-{LABELS[attack]}", "attack": attack, "optimizer": opt,
+                    "global_batch_size": recs[0]["global_batch_size"], "epochs": epochs, "seeds": len(recs),
+                    "updates": recs[0]["updates"], "lr_mult": recs[0]["run"]["lr_mult"], "peak_lr": recs[0]["peak_lr"],
+                    "clean_acc_mean": statistics.fmean(ta), "clean_acc_std": _std(ta),
+                    "robust_acc_mean": statistics.fmean(ra), "robust_acc_std": _std(ra),
+                    "robust_acc_seeds": ra,
+                    "autoattack_acc": aa[0]["autoattack_acc"] if aa else None,
+                    "autoattack_samples": aa[0]["autoattack_samples"] if aa else None,
+                    "test_samples": recs[0]["test_samples"],
+                    "compute_s_per_image": statistics.fmean(_per_image(r, args) for r in recs),
+                    "wall_s": statistics.fmean(r["train_wall_s"] + r.get("eval_wall_s", 0) for r in recs)})
+    return out
+
+
+def _std(values: List[float]) -> Optional[float]:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _per_image(rec: dict, args) -> float:
+    """Training compute seconds per image on one rank (PGD-3 attack and update, exchange left out):
+    the run's per-rank compute time over the images each rank trained on."""
+    return rec["compute_s"] / (rec["updates"] * rec["global_batch_size"] / args.ranks)
+
+
+def link_rate(args) -> Tuple[float, str]:
+    """Bits per second an all-reduce moved across the 1 Gbit/s link of ``bench/link_bench.py`` (its
+    probe), or the nominal rate where the link benchmark has not run."""
+    path = RESULTS / "link.json"
+    if path.is_file():
+        probe = json.loads(path.read_text()).get("probe", {})
+        if probe.get("all_reduce_gbit_s"):
+            return probe["all_reduce_gbit_s"] * 1e9, "measured: bench/link_bench.py's all_reduce across 2 nodes"
+    return 1e9, "nominal 1 Gbit/s (bench/link_bench.py has not measured the link)"
+
+
+def hardware(curve: List[dict], args) -> List[dict]:
+    """Per-rank training cost per image and the model's parameters, for each machine the time model
+    covers: this machine (the curve's own runs) and, where ``bench/gpu_check.py`` measured it, one
+    H200 (its PGD-3 step of preactresnet18 at 32 px, bf16)."""
+    out = []
+    at = [r["compute_s_per_image"] for r in curve if r["attack"] == "pgd"]
+    if at:
+        out.append({"name": "this machine (1 core per rank)", "model": args.backbone,
+                    "s_per_image": statistics.fmean(at), "params": _params(args),
+                    "source": "the curve's runs: per-rank compute seconds per training image (PGD-3)"})
+    gpu = RESULTS / "gpu.json"
+    if gpu.is_file():
+        for m in json.loads(gpu.read_text()).get("sections", {}).get("throughput", {}).get("models", []):
+            step = next((x for x in m.get("methods", []) if x.get("method") == f"pgd-{args.pgd_steps}"), None)
+            if m.get("model") == "preactresnet18" and step:
+                out.append({"name": "one H200 per rank", "model": f"{m['model']} ({m['img_size']} px, "
+                            f"{m.get('dtype', '')})", "s_per_image": step["seconds"] / m["batch"],
+                            "params": int(m["params_m"] * 1e6),
+                            "source": f"bench/results/gpu.json: PGD-{args.pgd_steps} step at batch {m['batch']}"})
+    return out
+
+
+def _params(args) -> int:
+    import torch  # noqa: F401  (the backbone needs it)
+    sys.path.insert(0, str(ROOT))
+    from dat_ds.models import create_model
+    model = create_model(args.backbone, 10, in_chans=1, img_size=28, stem=args.stem)
+    return sum(p.numel() for p in model.parameters())
+
+
+def time_to_robustness(curve: List[dict], args) -> dict:
+    """Wall-clock to reach AT-SGD's PGD-10 RA at each of its epoch counts: AT on one rank against DAT
+    on ``--ttr-ranks`` ranks, from measured parts (see ``notes``)."""
+    rate, rate_source = link_rate(args)
+    world, images = args.ttr_ranks, 60000 - args.holdout
+    pgd = [r for r in curve if r["attack"] == "pgd"]
+    targets = sorted((r for r in pgd if r["method"] == "AT-PGD" and r["optimizer"] == "SGD"),
+                     key=lambda r: r["epochs"])
+    hw = hardware(curve, args)
+
+    def seconds(row: dict, h: dict) -> Tuple[int, float, float]:
+        """Ranks, seconds and the exchange's share of a step for training ``row`` on machines ``h``:
+        AT's batch on one rank (no exchange), a DAT batch over ``world`` ranks; whole batches."""
+        batch = row["global_batch_size"]
+        ranks = 1 if batch == args.at_batch else world
+        exchange = 0.0 if ranks == 1 else 2 * (ranks - 1) / ranks * 4 * h["params"] * 8 / rate
+        step = batch / ranks * h["s_per_image"] + exchange
+        return ranks, row["epochs"] * (images // batch) * step, exchange / step
+
+    for row in pgd:  # every curve row's modelled time (the plot's second panel)
+        row["modelled_hours"] = {_hw_key(h): seconds(row, h)[1] / 3600 for h in hw}
+        row["modelled_ranks"] = seconds(row, hw[0])[0] if hw else None
+    table = []
+    for target in targets:
+        for r_label in dict.fromkeys((r["method"], r["optimizer"]) for r in pgd):
+            rows = sorted((r for r in pgd if (r["method"], r["optimizer"]) == r_label), key=lambda r: r["epochs"])
+            reach = next((r for r in rows if r["robust_acc_mean"] >= target["robust_acc_mean"]), None)
+            entry = {"target": f"AT-SGD, {target['epochs']} epochs", "target_epochs": target["epochs"],
+                     "target_ra": target["robust_acc_mean"],
+                     "method": f"{r_label[0].split('-')[0]}-{r_label[1]}",
+                     "global_batch_size": rows[0]["global_batch_size"],
+                     "epochs_tried": [r["epochs"] for r in rows],
+                     "epochs": reach["epochs"] if reach else None, "ra": reach["robust_acc_mean"] if reach else None}
+            for h in hw:
+                key = _hw_key(h)
+                if reach is None:
+                    entry[f"{key}_hours"] = entry[f"{key}_speedup"] = None
+                    continue
+                ranks, secs, share = seconds(reach, h)
+                _, at_secs, _ = seconds(target, h)
+                entry.update({f"{key}_ranks": ranks, f"{key}_hours": secs / 3600, f"{key}_speedup": at_secs / secs,
+                              f"{key}_exchange_share": share})
+            table.append(entry)
+    return {"ranks": world, "link_bits_per_s": rate, "link_source": rate_source, "hardware": hw, "rows": table}
+
+
+def _hw_key(h: dict) -> str:
+    return "this" if h["name"].startswith("this") else "h200"
+
+
+def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
+    """The goal checked on the curve: DAT-LAMB at 8x within 2 points of AT-SGD at equal epochs once
+    it has ~600 updates, and time to AT's RA on 8 ranks at most a third of AT's on one; ConAdv's TA."""
+    out = []
+    pgd = {(r["method"], r["optimizer"], r["epochs"]): r for r in curve if r["attack"] == "pgd"}
+    for e in sorted({r["epochs"] for r in curve}):
+        at, lamb = pgd.get(("AT-PGD", "SGD", e)), pgd.get(("DAT-PGD", "LAMB", e))
+        if at and lamb:
+            gap = 100 * (lamb["robust_acc_mean"] - at["robust_acc_mean"])
+            enough = lamb["updates"] >= 600
+            out.append(f"{e} epochs: DAT-LAMB at {lamb['global_batch_size']} RA {100 * lamb['robust_acc_mean']:.1f} % "
+                       f"vs AT-SGD {100 * at['robust_acc_mean']:.1f} % ({gap:+.1f} points, {lamb['updates']} updates "
+                       f"against {at['updates']}); goal within 2 points "
+                       + (("met" if gap >= -2 else "not met") if enough else "not judged (fewer than 600 updates)"))
+    for r in curve:
+        if r["attack"] == "conadv":
+            ref = pgd.get(("DAT-PGD", "LAMB", r["epochs"]))
+            if ref:
+                out.append(f"ConAdv at {r['global_batch_size']}, {r['epochs']} epochs: "
+                           f"TA {100 * r['clean_acc_mean']:.1f} % "
+                           f"(DAT-PGD {100 * ref['clean_acc_mean']:.1f} %), RA {100 * r['robust_acc_mean']:.1f} % "
+                           f"(DAT-PGD {100 * ref['robust_acc_mean']:.1f} %), {r['seeds']} seeds")
+    for row in ttr["rows"]:
+        if row["method"] != "DAT-LAMB":
+            continue
+        target = f"time to AT-SGD's {row['target_epochs']}-epoch RA ({100 * row['target_ra']:.1f} %)"
+        if row.get("this_speedup"):
+            out.append(f"{target}: DAT-LAMB on {ttr['ranks']} ranks gets there in {row['epochs']} epochs, "
+                       f"{row['this_speedup']:.2f}x faster than AT on one rank on this machine's cores"
+                       + (f" ({row['h200_speedup']:.2f}x on H200s, where the exchange over the link is "
+                          f"{100 * row['h200_exchange_share']:.0f} % of a step)" if row.get("h200_speedup") else "")
+                       + f"; goal at least 3x on this machine: {'met' if row['this_speedup'] >= 3 else 'not met'}")
+        else:
+            out.append(f"{target}: DAT-LAMB does not reach it within {max(row['epochs_tried'])} epochs")
+    return out
+
+
 def write_table(args) -> Path:
     table = rows(args)
+    curve = curve_rows(args)
+    ttr = time_to_robustness(curve, args)
     payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
                "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
+               "curve": curve, "time_to_robustness": ttr, "curve_notes": curve_notes(curve, ttr, args),
                "notes": notes(table, args) + [
                    f"up to {args.seeds} seeds per final row (column seeds), PGD-10 on the test images of column "
                    f"test n, AutoAttack (standard) on the first AA n of them for the first seed of the PGD rows at "
@@ -517,13 +761,17 @@ def plan(args) -> None:
           f"{min(args.aa_seeds, args.seeds)} of {args.seeds} seeds); "
           f"nan: nothing stored to estimate from")
     groups = {"sweep": sweep_runs(args), "final": final_runs(args), "ema": final_runs(args, "ema"),
-              "epochs": final_runs(args, "epochs")}
+              "epochs": final_runs(args, "epochs"), "curve": curve_runs(args), "conadv": conadv_runs(args)}
     total = 0.0
     for name, runs in groups.items():
         records = [load_record(run.key(args)) for run in runs]
         trained = sum(rec is not None for rec in records)
         evaluated = sum(rec is not None and "robust_acc" in rec for rec in records)
-        left = (len(runs) - trained) * train_s + (0 if name == "sweep" else (len(runs) - evaluated) * eval_s)
+        # a run's training time scales with its epochs; the curve's AutoAttack is counted apart (part curve-aa)
+        left = sum(train_s * (run.epochs or args.epochs) / args.epochs
+                   for run, rec in zip(runs, records) if rec is None)
+        left += 0 if name == "sweep" else (len(runs) - evaluated) * (eval_s if name not in ("curve", "conadv")
+                                                                     else r.get("pgd", math.nan) * 10000 / cores)
         total += left
         print(f"{name:>6}: {len(runs)} runs, {trained} trained, {evaluated} evaluated; about {left / 60:.0f} min left")
     if not groups["final"]:
@@ -566,6 +814,14 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--more-epochs", type=int, nargs="*", default=[6],
                    help="part epochs: DAT-LAMB and DAT-SGD at 8x with these epoch counts")
+    p.add_argument("--curve-epochs", type=int, nargs="+", default=[3, 6, 12],
+                   help="part curve: the equal-epoch rows' epoch counts")
+    p.add_argument("--curve-methods", nargs="+", default=list(CURVE_METHODS), choices=CURVE_METHODS,
+                   help="part curve: the methods trained (AT at AT's batch, DAT at the smallest scale)")
+    p.add_argument("--conadv-epochs", type=int, default=6, help="part conadv: epochs of the ConAdv runs")
+    p.add_argument("--curve-aa-limit", type=int, default=1000,
+                   help="AutoAttack test images for seed 0 of the curve's longest AT-SGD and DAT-LAMB rows")
+    p.add_argument("--ttr-ranks", type=int, default=8, help="ranks of DAT in the time-to-robustness model")
     p.add_argument("--aa-all", action="store_true", help="AutoAttack on every run's first seed, not only the "
                                                          "PGD rows at AT's batch and the smallest DAT batch")
     p.add_argument("--test-limit", type=int, default=None, help="PGD-10 test images (default: all 10,000)")
@@ -600,6 +856,12 @@ def main(argv=None) -> None:
         execute(final_runs(args, "ema"), args, deadline, evaluate_too=False)
     if "epochs" in args.part:
         execute(final_runs(args, "epochs"), args, deadline, evaluate_too=False)
+    if "curve" in args.part:
+        execute(curve_runs(args), args, deadline, evaluate_too=True)
+    if "conadv" in args.part:
+        execute(conadv_runs(args), args, deadline, evaluate_too=True)
+    if "curve-aa" in args.part:
+        curve_autoattack(args, deadline)
     if "evaluate" in args.part:  # the runs of the phases named with it, or of all of them
         phases = [ph for ph in ("final", "ema", "epochs") if ph in args.part] or ["final", "ema", "epochs"]
         execute([run for ph in phases for run in final_runs(args, ph)], args, deadline, evaluate_too=True)

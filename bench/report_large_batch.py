@@ -1,4 +1,5 @@
-"""The REPORT section of ``bench/results/large_batch.json``: the final table, the LR sweep and the
+"""The REPORT section of ``bench/results/large_batch.json``: time to robustness and the equal-epoch
+curve first (RA against epochs, one line per method), then the 3-epoch table, the LR sweep and the
 plot of robust accuracy against global batch per optimizer (the DAT paper's Figure 2).
 
 ``bench/report.py`` calls :func:`render` for the ``large_batch`` results file.
@@ -75,6 +76,95 @@ def plot(data: dict, path: Path) -> bool:
     return True
 
 
+CURVE_COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batch_size", "global batch"),
+                 ("epochs", "epochs"), ("updates", "updates"), ("seeds", "seeds"), ("peak_lr", "peak LR"),
+                 ("clean_acc_mean", "TA %"), ("clean_acc_std", "TA std"), ("robust_acc_mean", "RA PGD-10 %"),
+                 ("robust_acc_std", "RA std"), ("test_samples", "test n"), ("autoattack_acc", "AA % (seed 0)"),
+                 ("autoattack_samples", "AA n"), ("wall_s", "wall s / run")]
+TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"), ("method", "method"),
+               ("global_batch_size", "global batch"), ("epochs", "epochs to reach"), ("ra", "RA there %"),
+               ("this_ranks", "ranks"), ("this_hours", "hours, this machine's cores"),
+               ("this_speedup", "speed-up vs AT on 1"), ("this_exchange_share", "exchange share of a step"),
+               ("h200_hours", "hours, H200s"), ("h200_speedup", "H200 speed-up vs AT on 1"),
+               ("h200_exchange_share", "H200 exchange share")]
+PERCENT |= {"clean_acc_std", "target_ra", "ra", "autoattack_acc", "this_exchange_share", "h200_exchange_share"}
+
+
+def plot_curve(data: dict, path: Path) -> bool:
+    """Left: PGD-10 RA against epochs, one line per method (mean over seeds, std as error bars),
+    ConAdv as points. Right: the same RA against the time model's hours on this machine's cores
+    (AT on one rank, DAT on the model's ranks)."""
+    curve = data.get("curve", [])
+    if not curve:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.9))
+    labels = list(dict.fromkeys((r["method"], r["optimizer"]) for r in curve))
+    for i, (method, opt) in enumerate(labels):
+        pts = sorted((r for r in curve if (r["method"], r["optimizer"]) == (method, opt)), key=lambda r: r["epochs"])
+        label = f"{method.split('-')[0]}-{opt} @ {pts[0]['global_batch_size']}" + (
+            " (ConAdv)" if pts[0]["attack"] == "conadv" else "")
+        style = dict(marker="s" if pts[0]["attack"] == "conadv" else "o", capsize=3, color=f"C{i}", label=label,
+                     linestyle="none" if pts[0]["attack"] == "conadv" else "-")
+        ys = [100 * r["robust_acc_mean"] for r in pts]
+        err = [100 * (r["robust_acc_std"] or 0) for r in pts]
+        axes[0].errorbar([r["epochs"] for r in pts], ys, yerr=err, **style)
+        if pts[0].get("modelled_hours", {}).get("this") is not None:
+            axes[1].errorbar([r["modelled_hours"]["this"] for r in pts], ys, yerr=err,
+                             **{**style, "label": f"{label} on {pts[0]['modelled_ranks']} rank(s)"})
+    axes[0].set_xlabel("epochs (each row its own schedule)")
+    axes[1].set_xlabel("modelled hours to train (this machine's per-rank cost, 1 Gbit/s link)")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.set_ylabel("RA (PGD-10) %")
+        ax.legend(fontsize=7)
+    m = data.get("machine", {})
+    fig.text(0.01, 0.01, f"{m.get('cpu', '?')} x{m.get('cores', '?')}, GPU {m.get('gpu', 'none')}, "
+             f"{m.get('date', '')}; {data.get('settings', {}).get('backbone')}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render_curve(name: str, data: dict) -> list:
+    """Time to robustness (the headline) and the equal-epoch curve."""
+    curve, ttr = data.get("curve", []), data.get("time_to_robustness", {})
+    if not curve:
+        return []
+    out = ["### Time to robustness", "",
+           f"Wall-clock to reach AT-SGD's PGD-10 RA (batch {data['settings']['at_batch']}, one rank) with DAT on "
+           f"{ttr.get('ranks')} ranks at 8x the batch. A model from measured parts, not a run on {ttr.get('ranks')} "
+           "machines: epochs to reach = the first of the curve's epoch counts whose mean test RA is at least the "
+           "target (so an upper bound at the grid's resolution); a step = the per-rank compute of its images "
+           "(measured per image; on this machine from the curve's own runs, on H200s from `gpu.json`'s PGD-3 step "
+           "of preactresnet18, the curve's epochs ratio borrowed) plus a ring all-reduce of the fp32 gradients, "
+           f"2(W-1)/W x 4 bytes x parameters over {ttr.get('link_bits_per_s', 0) / 1e9:.3f} Gbit/s "
+           f"({ttr.get('link_source')}); no overlap of exchange and compute, no latency term.", "",
+           table(ttr.get("rows", []), TTR_COLUMNS), "",
+           "Machines of the model: " + "; ".join(
+               f"{h['name']}: {h['model']}, {1000 * h['s_per_image']:.3f} ms per training image, "
+               f"{h['params'] / 1e6:.2f} M parameters ({h['source']})" for h in ttr.get("hardware", [])), "",
+           "### Equal-epoch curve", "",
+           "Every row trained by the current code from scratch with its own LR schedule for its epoch count "
+           "(LRs from the sweep below), PGD-3 training, the validation-best weights evaluated by "
+           "`recipes/evaluate.py` (PGD-10 on the test images; AutoAttack on the first AA n for seed 0 of the "
+           "longest AT-SGD and DAT-LAMB rows).", "",
+           table(curve, CURVE_COLUMNS), ""]
+    out += [f"* {n}" for n in data.get("curve_notes", [])] + [""]
+    if plot_curve(data, PLOTS / f"{name}_curve.png"):
+        out += [f"![RA vs epochs and modelled hours](plots/{name}_curve.png)", ""]
+    out += ["### The 3-epoch study", "",
+            "The tables below come from the earlier 3-epoch study, whose runs were trained before BatchNorm "
+            "statistics were pooled across ranks and before an epoch ended on an "
+            "optimizer step; the curve above re-ran its AT-SGD, AT-LAMB, DAT-LAMB and DAT-SGD rows with the "
+            "current code.", ""]
+    return out
+
+
 def render(name: str, data: dict) -> str:
     """Markdown for REPORT.md: table, notes, plot, then the sweep that chose each LR."""
     s = data.get("settings", {})
@@ -83,6 +173,7 @@ def render(name: str, data: dict) -> str:
            f"`results/{name}.json` (runs in `results/{name}_runs/`); machine: {m.get('cpu', '?')}, "
            f"{m.get('cores', '?')} cores, GPU {m.get('gpu', 'none')}, {m.get('date', '')}", "",
            "settings: " + ", ".join(f"{k}={v}" for k, v in s.items()), ""]
+    out += render_curve(name, data)
     rows = data.get("rows", [])
     out += [table(rows, COLUMNS) if rows else "(no evaluated final runs yet)", ""]
     out += [f"* {n}" for n in data.get("notes", [])] + [""]

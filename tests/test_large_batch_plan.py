@@ -137,3 +137,74 @@ def test_ds_config_sets_the_batch_and_the_reference_lr(study):
     assert cfg["scheduler"] == shipped["scheduler"]  # the LR rule and warm-up are the shipped ones
     with pytest.raises(ValueError, match="not a multiple"):
         lb.ds_config(lb.Run(lamb, "pgd", 0, 1.0, "final"), parse(["--micro", "48"]))
+
+
+def sweep_choices(args, **mults):
+    """Sweep records that make each named method's choice ``mults[name]`` (its best validation RA;
+    inside its grid, or the grid widens)."""
+    for label, chosen in mults.items():
+        method = by_label(args, label.replace("_", "-"), 1 if label.startswith("AT") else 8)
+        for mult in method.lr_grid:
+            store(lb.Run(method, "pgd", 0, mult, "sweep"), args, 0.8 if mult == chosen else 0.6)
+
+
+def test_curve_trains_longest_rows_first_with_the_sweeps_lr(study):
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--conadv-epochs", "6"])
+    sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
+    keys = [r.key(args) for r in lb.curve_runs(args)]
+    assert keys == ["curve-pgd-AT-SGD-b128-lr1-s0-e12", "curve-pgd-DAT-LAMB-b1024-lr1-s0-e12",
+                    "curve-pgd-AT-SGD-b128-lr1-s1-e12", "curve-pgd-DAT-LAMB-b1024-lr1-s1-e12",
+                    "curve-pgd-AT-SGD-b128-lr1-s0-e3",
+                    "curve-pgd-DAT-LAMB-b1024-lr1-s0-e3", "curve-pgd-AT-SGD-b128-lr1-s1-e3",
+                    "curve-pgd-DAT-LAMB-b1024-lr1-s1-e3"]
+    # ConAdv: DAT-LAMB's batch and LR, its own epochs; trained with clean + adversarial loss
+    assert [r.key(args) for r in lb.conadv_runs(args)] == ["curve-conadv-DAT-LAMB-b1024-lr1-s0-e6",
+                                                           "curve-conadv-DAT-LAMB-b1024-lr1-s1-e6"]
+    assert lb.ATTACK_FLAGS["conadv"] == ["--loss", "mix"]
+    # an unswept method has no curve rows yet
+    assert not [r for r in lb.curve_runs(parse(["--curve-methods", "DAT-SGD"]))]
+
+
+def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB"])
+    sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)  # no link or GPU measurement: the nominal link, this machine
+    monkeypatch.setattr(lb, "_params", lambda args: 1_000_000)
+    ra = {("AT", 3): (0.70, 0.72), ("AT", 12): (0.78, 0.78), ("DAT", 3): (0.60, 0.62), ("DAT", 12): (0.70, 0.74)}
+    for run in lb.curve_runs(args):
+        batch = run.method.scale * args.at_batch
+        updates = run.epochs * (55000 // batch)
+        # 2 ms per image on each of the 2 ranks
+        store(run, args, 0.7, updates=updates, clean_acc=0.8, test_samples=10000,
+              robust_acc=ra[(run.method.name, run.epochs)][run.seed], compute_s=0.002 * updates * batch / 2)
+    curve = lb.curve_rows(args)
+    assert [(r["method"], r["optimizer"], r["epochs"]) for r in curve] == [
+        ("AT-PGD", "SGD", 3), ("DAT-PGD", "LAMB", 3), ("AT-PGD", "SGD", 12), ("DAT-PGD", "LAMB", 12)]
+    assert curve[3]["robust_acc_mean"] == pytest.approx(0.72)
+    assert curve[3]["compute_s_per_image"] == pytest.approx(0.002)
+    ttr = lb.time_to_robustness(curve, args)
+    assert ttr["link_bits_per_s"] == 1e9
+    assert [h["name"] for h in ttr["hardware"]] == ["this machine (1 core per rank)"]
+    row = {(r["target"], r["method"]): r for r in ttr["rows"]}
+    dat = row[("AT-SGD, 3 epochs", "DAT-LAMB")]  # AT's 71 % at 3 epochs: DAT-LAMB's 12-epoch 72 % reaches it
+    assert dat["epochs"] == 12 and dat["this_ranks"] == 8
+    step = 128 * 0.002 + 2 * 7 / 8 * 4e6 * 8 / 1e9  # 128 images per rank, then a ring all-reduce of 4 MB
+    assert dat["this_hours"] == pytest.approx(12 * (55000 // 1024) * step / 3600)
+    assert dat["this_speedup"] == pytest.approx(3 * (55000 // 128) * 128 * 0.002 / (12 * (55000 // 1024) * step))
+    assert row[("AT-SGD, 3 epochs", "AT-SGD")]["this_speedup"] == pytest.approx(1.0)
+    assert row[("AT-SGD, 12 epochs", "DAT-LAMB")]["epochs"] is None  # 72 % never reaches 78 %
+    notes = lb.curve_notes(curve, ttr, args)
+    assert notes[0].startswith("3 epochs: DAT-LAMB at 1024 RA 61.0 % vs AT-SGD 71.0 % (-10.0 points")
+    assert notes[0].endswith("not judged (fewer than 600 updates)")
+    assert notes[1].startswith("12 epochs: DAT-LAMB at 1024 RA 72.0 % vs AT-SGD 78.0 % (-6.0 points, 636 updates")
+    assert notes[1].endswith("goal within 2 points not met")
+    assert any("does not reach it within 12 epochs" in n for n in notes)
+    # the REPORT section: the time table first, then the curve and its plot
+    import report_large_batch as report
+    monkeypatch.setattr(report, "PLOTS", tmp_path / "plots")
+    data = {"settings": lb.settings(args), "curve": curve, "time_to_robustness": ttr, "curve_notes": notes}
+    text = "\n".join(report.render_curve("large_batch", data))
+    assert text.index("### Time to robustness") < text.index("### Equal-epoch curve")
+    assert "| AT-SGD, 3 epochs | 71.0 | DAT-LAMB | 1024 | 12 | 72.0 | 8 |" in text
+    assert "| DAT-PGD | LAMB | 1024 | 12 | 636 | 2 |" in text
+    assert (tmp_path / "plots" / "large_batch_curve.png").stat().st_size > 0
