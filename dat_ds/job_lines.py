@@ -7,6 +7,9 @@ torchrun's agent): each rank posts its line, and a rank prints it only when no l
 the same one. So a shared error is printed once, by the lowest rank that has it, and a line only
 some ranks have (a file missing on one node) is still printed, as ``rank R: ...``. Ranks wait at
 most :data:`WAIT` seconds for the lower ranks; a rank that cannot reach the store prints anyway.
+torchrun's agent keeps one store for the whole job, so every round of workers (the first start and
+each elastic restart) posts under a prefix of its own: a line of a round that failed earlier would
+otherwise silence the same line of the next.
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ import threading
 import time
 
 PREFIX = "dat_ds/line/"
+
+
+def _prefix() -> str:
+    """The keys of this round of workers: torchrun numbers its restarts (``TORCHELASTIC_RESTART_COUNT``)."""
+    return f"{PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 WAIT = 5.0  # seconds a rank waits for the lower ranks' lines (they fail within a second or two of it)
 
 
@@ -54,15 +62,16 @@ def _emit(file, before: str, line: str) -> None:
 
 def _post_and_compare(store, rank: int, body: str) -> bool:
     """Post this rank's line; True when a lower rank posted the same one (it prints it)."""
+    prefix = _prefix()
     try:
-        store.set(f"{PREFIX}{rank}", body)
+        store.set(f"{prefix}{rank}", body)
         deadline = time.monotonic() + WAIT
         waiting = set(range(rank))
         while waiting:
             for r in sorted(waiting):
-                if store.check([f"{PREFIX}{r}"]):
+                if store.check([f"{prefix}{r}"]):
                     waiting.discard(r)
-                    if store.get(f"{PREFIX}{r}").decode() == body:
+                    if store.get(f"{prefix}{r}").decode() == body:
                         return True
             if waiting and time.monotonic() > deadline:
                 return False
@@ -72,14 +81,14 @@ def _post_and_compare(store, rank: int, body: str) -> bool:
         return False
     finally:
         with contextlib.suppress(Exception):
-            store.add(f"{PREFIX}done", 1)
+            store.add(f"{prefix}done", 1)
 
 
 def _keep_store_up(store, world: int) -> None:
     """The store's host stays until every rank has compared its line (or :data:`WAIT` is over)."""
     deadline = time.monotonic() + WAIT + 1
     with contextlib.suppress(Exception):
-        while time.monotonic() < deadline and store.add(f"{PREFIX}done", 0) < world:
+        while time.monotonic() < deadline and store.add(f"{_prefix()}done", 0) < world:
             time.sleep(0.05)
 
 
