@@ -124,6 +124,8 @@ SETTING_HELP = {
     "bn_mode": dict(choices=("eval", "train"), help="BatchNorm mode during the attack (eval)"),
     "random_start": dict(action=argparse.BooleanOptionalAction, help="PGD: start from a random point in the ball"),
     "lam": dict(type=float, help="mix: weight of the robust loss (1)"),
+    "label_smoothing": dict(type=float, metavar="S", help="madry, mix: label smoothing of the training targets "
+                                                          "(0; check a smoothed model with AutoAttack)"),
     "beta": dict(type=float, help="trades: weight of the KL term (6)"),
     "sigma": dict(type=number, help="smoothing: std of the Gaussian noise, in [0,1] pixels (0.25)"),
     "noise_copies": dict(type=int, metavar="M", help="smoothing: noise draws per sample (per-rank batch = M x micro)"),

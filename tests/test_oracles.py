@@ -161,3 +161,31 @@ def test_conadv_and_free_settings_are_checked():
         attacks.create("conadv", eps=0.1, tau=0)
     with pytest.raises(ValueError, match="replays m"):
         attacks.create("free", eps=0.1, steps=0)
+
+
+def test_label_smoothing_of_the_ce_objectives():
+    from dat_ds import cli
+    logits, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+
+    class FakeEngine:
+        def __call__(self, x):
+            return logits * x.mean()
+    x, x_adv = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 2.0)
+    # targets (1 - s + s/C, s/C, s/C): the smoothed CE by hand, on the adversarial logits
+    s = 0.3
+    log_p = F.log_softmax(2 * logits, 1)[0]
+    by_hand = -((1 - s + s / 3) * log_p[0] + s / 3 * log_p[1] + s / 3 * log_p[2])
+    madry = objectives.create("madry", label_smoothing=s)
+    assert madry(FakeEngine(), x, x_adv, y).item() == pytest.approx(by_hand.item())
+    assert objectives.create("madry")(FakeEngine(), x, x_adv, y).item() == pytest.approx(-log_p[0].item())
+    mix = objectives.create("mix", lam=1.0, label_smoothing=s)
+    clean = F.cross_entropy(logits, y, label_smoothing=s)
+    assert mix(FakeEngine(), x, x_adv, y).item() == pytest.approx(((clean + by_hand) / 2).item())
+    with pytest.raises(ValueError, match=r"--label-smoothing must be in \[0, 1\)"):
+        objectives.create("madry", label_smoothing=1.0)
+    # the flag reaches the chosen loss, and a loss that does not take it refuses it
+    args = cli.parser("t").parse_args(["--backbone", "test_resnet", "--label-smoothing", "0.1"])
+    assert cli.train_config(args).loss_kwargs == {"label_smoothing": 0.1}
+    args = cli.parser("t").parse_args(["--backbone", "test_resnet", "--loss", "trades", "--label-smoothing", "0.1"])
+    with pytest.raises(ValueError, match="label-smoothing"):
+        cli.train_config(args)
