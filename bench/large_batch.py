@@ -77,13 +77,35 @@ RUNS = RESULTS / "large_batch_runs"
 # configs have since taken the study's choices; a fixed reference keeps every stored run's key meaning
 # the same LR.
 REFERENCE_LR = {"lamb_fp32.json": 0.05, "sgd_momentum.json": 0.1, "lsgd.json": 0.1}
-PARTS = ("pilot", "sweep", "final", "ema", "epochs", "curve", "conadv", "curve-aa", "evaluate", "table")
+PARTS = ("pilot", "sweep", "final", "ema", "epochs", "curve", "conadv", "remedies", "curve-aa", "evaluate",
+         "table")
 ATTACK_LABEL = {"pgd": "PGD", "fgsm_rs": "FGSM"}
 # The curve's methods, in the order their runs are trained (the goal's pair first): name, optimizer, scale.
 CURVE_METHODS = ("AT-SGD", "DAT-LAMB", "DAT-SGD", "AT-LAMB")
 # Training flags of an attack beyond --attack: ConAdv trains on clean and adversarial loss together.
 ATTACK_FLAGS = {"conadv": ["--loss", "mix"]}
 LABELS = {**ATTACK_LABEL, "conadv": "ConAdv"}
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A change to DAT-LAMB's large-batch run from the literature: ds_config entries (dotted paths)
+    and recipe flags."""
+    what: str
+    reference: str
+    config: tuple = ()  # ((dotted path, value), ...)
+    flags: tuple = ()
+
+
+REMEDIES = {
+    "warmup": Remedy("3 of 12 epochs of linear warm-up instead of 1", "Goyal et al. 2017 (5 of 90 epochs)",
+                     config=(("scheduler.params.warmup_epochs", 3), ("scheduler.params.max_warmup_fraction", 0.25))),
+    "trust-clamp": Remedy("LAMB's trust ratio clamped to [0.01, 1] instead of [0, 10]",
+                          "You et al. 2020 (LAMB's clipping function phi)",
+                          config=(("optimizer.params.c_l", 0.01), ("optimizer.params.c_u", 1.0))),
+    "label-smoothing": Remedy("label smoothing 0.1 of the training targets", "Szegedy et al. 2016; Goyal et al. 2017",
+                              flags=("--label-smoothing", "0.1")),
+}
 
 
 @dataclass(frozen=True)
@@ -119,14 +141,16 @@ class Run:
     attack: str
     seed: int
     lr_mult: float
-    phase: str  # sweep | final | ema | epochs | pilot
+    phase: str  # sweep | final | ema | epochs | curve | remedy | pilot
     ema: bool = False
     epochs: Optional[int] = None  # None: --epochs
+    remedy: str = ""  # a key of REMEDIES
 
     def key(self, args) -> str:
         m = self.method
         return (f"{self.phase}-{self.attack}-{m.name}-{m.optimizer}-b{m.scale * args.at_batch}-lr{self.lr_mult:g}"
-                f"-s{self.seed}{'-ema' if self.ema else ''}{f'-e{self.epochs}' if self.epochs else ''}")
+                f"-s{self.seed}{'-ema' if self.ema else ''}{f'-e{self.epochs}' if self.epochs else ''}"
+                f"{f'-{self.remedy}' if self.remedy else ''}")
 
     @property
     def label(self) -> str:
@@ -148,6 +172,14 @@ def ds_config(run: Run, args) -> dict:
     cfg["optimizer"]["params"]["lr"] = REFERENCE_LR[run.method.config] * run.lr_mult
     if run.ema:
         cfg["ema"] = {"decay": args.ema_decay, "warmup": True}
+    for path, value in REMEDIES[run.remedy].config if run.remedy else ():
+        *parents, leaf = path.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"remedy {run.remedy}: {path} is not in {run.method.config}")
+        node[leaf] = value
     return cfg
 
 
@@ -184,7 +216,7 @@ def train(run: Run, args, port: int) -> dict:
               "--eval-steps", "10", "--seed", str(run.seed), "--output-dir", str(out), "--resume"]
     if run.attack == "pgd":
         recipe += ["--steps", str(args.pgd_steps)]
-    recipe += ATTACK_FLAGS.get(run.attack, [])
+    recipe += ATTACK_FLAGS.get(run.attack, []) + list(REMEDIES[run.remedy].flags if run.remedy else ())
     if args.train_limit:
         recipe += ["--train-limit", str(args.train_limit + args.holdout)]
     t0 = time.perf_counter()
@@ -424,6 +456,17 @@ def curve_autoattack(args, deadline: float) -> None:
         print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']}", flush=True)
 
 
+def remedy_runs(args) -> List[Run]:
+    """DAT-LAMB at the smallest DAT scale with each of ``--remedies``, at the curve's longest epochs,
+    ``--remedy-seeds`` seeds: each against the curve's plain DAT-LAMB run on the validation split."""
+    lamb = next(m for m in methods(args.scales) if m.name == "DAT" and m.optimizer == "LAMB"
+                and m.scale == min(args.scales))
+    mult = chosen_mult(lamb, args)
+    return [] if mult is None else [
+        Run(lamb, "pgd", s, mult, "remedy", epochs=max(args.curve_epochs), remedy=name)
+        for s in range(args.remedy_seeds) for name in args.remedies]
+
+
 def pilot_runs(args) -> List[Run]:
     at, dat = methods(args.scales)[0], methods(args.scales)[1]
     return [Run(at, "pgd", 0, 1.0, "pilot"), Run(dat, "pgd", 0, 1.0, "pilot")]
@@ -573,6 +616,26 @@ def curve_rows(args) -> List[dict]:
     return out
 
 
+def remedy_rows(args) -> List[dict]:
+    """Each remedy's runs beside the plain DAT-LAMB curve run of the same seed and epochs: validation
+    RA decides (``wins``), the test figures are reported."""
+    out = []
+    for run in remedy_runs(args):
+        rec = load_record(run.key(args))
+        plain = load_record(Run(run.method, "pgd", run.seed, run.lr_mult, "curve", epochs=run.epochs).key(args))
+        if rec is None or "robust_acc" not in rec:
+            continue
+        r = REMEDIES[run.remedy]
+        out.append({"remedy": run.remedy, "what": r.what, "reference": r.reference, "seed": run.seed,
+                    "epochs": run.epochs, "global_batch_size": rec["global_batch_size"],
+                    "val_robust_acc": rec["val_robust_acc"],
+                    "plain_val_robust_acc": plain["val_robust_acc"] if plain else None,
+                    "clean_acc": rec["clean_acc"], "robust_acc": rec["robust_acc"],
+                    "plain_robust_acc": plain.get("robust_acc") if plain else None,
+                    "wins": bool(plain and rec["val_robust_acc"] > plain["val_robust_acc"])})
+    return out
+
+
 def _std(values: List[float]) -> Optional[float]:
     return statistics.stdev(values) if len(values) > 1 else None
 
@@ -718,6 +781,7 @@ def write_table(args) -> Path:
     payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
                "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
                "curve": curve, "time_to_robustness": ttr, "curve_notes": curve_notes(curve, ttr, args),
+               "remedies": remedy_rows(args),
                "notes": notes(table, args) + [
                    f"up to {args.seeds} seeds per final row (column seeds), PGD-10 on the test images of column "
                    f"test n, AutoAttack (standard) on the first AA n of them for the first seed of the PGD rows at "
@@ -761,7 +825,8 @@ def plan(args) -> None:
           f"{min(args.aa_seeds, args.seeds)} of {args.seeds} seeds); "
           f"nan: nothing stored to estimate from")
     groups = {"sweep": sweep_runs(args), "final": final_runs(args), "ema": final_runs(args, "ema"),
-              "epochs": final_runs(args, "epochs"), "curve": curve_runs(args), "conadv": conadv_runs(args)}
+              "epochs": final_runs(args, "epochs"), "curve": curve_runs(args), "conadv": conadv_runs(args),
+              "remedy": remedy_runs(args)}
     total = 0.0
     for name, runs in groups.items():
         records = [load_record(run.key(args)) for run in runs]
@@ -770,7 +835,7 @@ def plan(args) -> None:
         # a run's training time scales with its epochs; the curve's AutoAttack is counted apart (part curve-aa)
         left = sum(train_s * (run.epochs or args.epochs) / args.epochs
                    for run, rec in zip(runs, records) if rec is None)
-        left += 0 if name == "sweep" else (len(runs) - evaluated) * (eval_s if name not in ("curve", "conadv")
+        left += 0 if name == "sweep" else (len(runs) - evaluated) * (eval_s if name not in ("curve", "conadv", "remedy")
                                                                      else r.get("pgd", math.nan) * 10000 / cores)
         total += left
         print(f"{name:>6}: {len(runs)} runs, {trained} trained, {evaluated} evaluated; about {left / 60:.0f} min left")
@@ -821,6 +886,9 @@ def main(argv=None) -> None:
     p.add_argument("--conadv-epochs", type=int, default=6, help="part conadv: epochs of the ConAdv runs")
     p.add_argument("--curve-aa-limit", type=int, default=1000,
                    help="AutoAttack test images for seed 0 of the curve's longest AT-SGD and DAT-LAMB rows")
+    p.add_argument("--remedies", nargs="+", default=list(REMEDIES), choices=list(REMEDIES),
+                   help="part remedies: the changes tried on DAT-LAMB at the curve's longest epochs")
+    p.add_argument("--remedy-seeds", type=int, default=1, help="part remedies: seeds of each remedy")
     p.add_argument("--ttr-ranks", type=int, default=8, help="ranks of DAT in the time-to-robustness model")
     p.add_argument("--aa-all", action="store_true", help="AutoAttack on every run's first seed, not only the "
                                                          "PGD rows at AT's batch and the smallest DAT batch")
@@ -860,6 +928,8 @@ def main(argv=None) -> None:
         execute(curve_runs(args), args, deadline, evaluate_too=True)
     if "conadv" in args.part:
         execute(conadv_runs(args), args, deadline, evaluate_too=True)
+    if "remedies" in args.part:
+        execute(remedy_runs(args), args, deadline, evaluate_too=True)
     if "curve-aa" in args.part:
         curve_autoattack(args, deadline)
     if "evaluate" in args.part:  # the runs of the phases named with it, or of all of them

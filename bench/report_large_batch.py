@@ -87,7 +87,8 @@ TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"
                ("this_speedup", "speed-up vs AT on 1"), ("this_exchange_share", "exchange share of a step"),
                ("h200_hours", "hours, H200s"), ("h200_speedup", "H200 speed-up vs AT on 1"),
                ("h200_exchange_share", "H200 exchange share")]
-PERCENT |= {"clean_acc_std", "target_ra", "ra", "autoattack_acc", "this_exchange_share", "h200_exchange_share"}
+PERCENT |= {"plain_val_robust_acc", "clean_acc", "robust_acc", "plain_robust_acc",
+            "clean_acc_std", "target_ra", "ra", "autoattack_acc", "this_exchange_share", "h200_exchange_share"}
 
 
 def plot_curve(data: dict, path: Path) -> bool:
@@ -155,6 +156,14 @@ def render_curve(name: str, data: dict) -> list:
            "longest AT-SGD and DAT-LAMB rows).", "",
            table(curve, CURVE_COLUMNS), ""]
     out += [f"* {n}" for n in data.get("curve_notes", [])] + [""]
+    if data.get("remedies"):
+        out += ["Remedies tried on DAT-LAMB (one row each, against the plain run of the same seed and epochs; "
+                "validation RA decides, the test figures are reported):", "",
+                table(data["remedies"], [("remedy", "remedy"), ("what", "change"), ("reference", "reference"),
+                                         ("seed", "seed"), ("epochs", "epochs"), ("val_robust_acc", "val RA %"),
+                                         ("plain_val_robust_acc", "plain val RA %"), ("clean_acc", "TA %"),
+                                         ("robust_acc", "RA PGD-10 %"), ("plain_robust_acc", "plain RA %"),
+                                         ("wins", "wins on validation")]), ""]
     if plot_curve(data, PLOTS / f"{name}_curve.png"):
         out += [f"![RA vs epochs and modelled hours](plots/{name}_curve.png)", ""]
     out += ["### The 3-epoch study", "",

@@ -208,3 +208,29 @@ def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
     assert "| AT-SGD, 3 epochs | 71.0 | DAT-LAMB | 1024 | 12 | 72.0 | 8 |" in text
     assert "| DAT-PGD | LAMB | 1024 | 12 | 636 | 2 |" in text
     assert (tmp_path / "plots" / "large_batch_curve.png").stat().st_size > 0
+
+
+def test_remedies_change_only_their_entries_and_are_judged_on_validation(study):
+    args = parse(["--curve-epochs", "3", "12"])
+    sweep_choices(args, DAT_LAMB=1.0)
+    runs = {r.remedy: r for r in lb.remedy_runs(args)}
+    assert set(runs) == set(lb.REMEDIES)
+    assert runs["warmup"].key(args) == "remedy-pgd-DAT-LAMB-b1024-lr1-s0-e12-warmup"
+    plain_cfg = lb.ds_config(lb.Run(runs["warmup"].method, "pgd", 0, 1.0, "curve", epochs=12), args)
+    cfg = lb.ds_config(runs["warmup"], args)
+    assert (cfg["scheduler"]["params"]["warmup_epochs"], cfg["scheduler"]["params"]["max_warmup_fraction"]) == (3, 0.25)
+    cfg["scheduler"]["params"].update(warmup_epochs=plain_cfg["scheduler"]["params"]["warmup_epochs"],
+                                      max_warmup_fraction=plain_cfg["scheduler"]["params"]["max_warmup_fraction"])
+    assert cfg == plain_cfg  # nothing else moved
+    clamp = lb.ds_config(runs["trust-clamp"], args)["optimizer"]["params"]
+    assert (clamp["c_l"], clamp["c_u"]) == (0.01, 1.0)
+    assert lb.ds_config(runs["label-smoothing"], args) == plain_cfg  # a recipe flag, not a config entry
+    plain = lb.Run(runs["warmup"].method, "pgd", 0, 1.0, "curve", epochs=12)
+    store(plain, args, 0.70, clean_acc=0.8, robust_acc=0.71, test_samples=10000)
+    store(runs["warmup"], args, 0.72, clean_acc=0.8, robust_acc=0.70, test_samples=10000)
+    store(runs["trust-clamp"], args, 0.69, clean_acc=0.8, robust_acc=0.73, test_samples=10000)
+    rows = {r["remedy"]: r for r in lb.remedy_rows(args)}
+    assert set(rows) == {"warmup", "trust-clamp"}  # label smoothing not run yet
+    # validation decides, whatever the test set says
+    assert rows["warmup"]["wins"] and not rows["trust-clamp"]["wins"]
+    assert rows["warmup"]["plain_val_robust_acc"] == 0.70 and rows["trust-clamp"]["plain_robust_acc"] == 0.71
