@@ -104,6 +104,7 @@ def test_under_the_launcher_a_shared_error_is_printed_once_and_alone(tmp_path):
         r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.slow  # test_job_lines checks the rank prefix on a real store in the fast suite
 def test_under_the_launcher_an_error_of_one_rank_is_shown_with_its_rank(tmp_path):
     plugin = tmp_path / "one_rank_fails.py"
     plugin.write_text('import os\nif os.environ["RANK"] == "1":\n    raise ValueError("rank-local disk is full")\n')

@@ -14,6 +14,7 @@ def load(out, rank=0):
     return torch.load(out / f"params_rank{rank}.pt", weights_only=True)
 
 
+@pytest.mark.slow  # test_two_ranks_equal_one_rank_with_the_global_batch checks both ranks' weights in the fast suite
 def test_two_ranks_end_with_identical_parameters(tmp_path):
     """PGD-DAT with BatchNorm: each rank attacks its own shard, yet the weights stay in lockstep."""
     port = free_port()
@@ -45,8 +46,9 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path):
     assert (p2 - p1).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("compressor, topology", [("qsgd", "two-sided"), ("sign_vote", "one-sided"),
-                                                  ("ef_sign", "two-sided")])
+@pytest.mark.parametrize("compressor, topology", [  # one in the fast suite, two-sided ones slow
+    pytest.param("qsgd", "two-sided", marks=pytest.mark.slow), ("sign_vote", "one-sided"),
+    pytest.param("ef_sign", "two-sided", marks=pytest.mark.slow)])
 def test_compressed_training_keeps_ranks_identical(tmp_path, compressor, topology):
     """The trainer's only gradient exchange is the compressor: every method keeps the ranks in lockstep."""
     r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--micro", "16", "--steps", "3", "--compressor", compressor,

@@ -103,6 +103,7 @@ def test_outputs_have_the_documented_keys(suite):
     assert list((out / "wandb").glob("offline-run-*")), "offline W&B run folder"
 
 
+@pytest.mark.slow  # test_one_model compares a 2-rank run's figures with evaluate.py in the fast suite
 def test_two_ranks_give_the_counts_of_one_rank(robust_run, tmp_path):
     args = ["--eval-limit", "60", "--batch-size", "16", "--pgd-steps", "5", "--restarts", "2",
             "--eps-sweep", "0.05", "--steps-sweep", "--no-autoattack"]

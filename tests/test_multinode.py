@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, clean_env
@@ -41,6 +42,7 @@ def test_two_launchers_with_no_ssh_form_one_world(tmp_path):
     assert torch.equal(a["params"], b["params"]) and not torch.equal(a["params"], a["init"])
 
 
+@pytest.mark.slow  # test_two_launchers_with_no_ssh_form_one_world covers --no_ssh in the fast suite
 def test_localhost_hostfile_without_ssh_check(tmp_path):
     """The README's single-machine hostfile: ``--hostfile`` + ``--no_ssh_check --master_addr 127.0.0.1``."""
     hostfile = tmp_path / "hostfile"

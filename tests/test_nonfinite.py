@@ -24,7 +24,7 @@ def poisoned_steps(samples=512, micro=16, world=2, bad=POISON):
     return steps
 
 
-@pytest.mark.parametrize("defer", ["off", "on"])
+@pytest.mark.parametrize("defer", ["off", pytest.param("on", marks=pytest.mark.slow)])  # "on": slow suite
 def test_poisoned_batches_are_skipped_on_every_rank(tmp_path, defer):
     """On the host at once (off), or on the device and settled one step later (on): the same steps."""
     r = run_deepspeed(SCRIPT, ["--out", tmp_path, "--poison", ",".join(map(str, POISON)), "--defer", defer])

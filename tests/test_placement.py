@@ -306,6 +306,7 @@ def test_no_rank_opens_another_ranks_folder(local_run):
     assert read == {0: idx, 1: idx}  # each rank read its own folder's four files, and only those
 
 
+@pytest.mark.slow  # two runs; test_elastic resumes mid-epoch in the fast suite
 def test_resumed_inside_an_epoch_ends_as_the_straight_run(local_run, tmp_path):
     straight, _, _, data_dir = local_run
     out = tmp_path / "resumed"

@@ -54,7 +54,13 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
+# Kinds the fast suite already has (a bad number, a missing file, a value below its minimum): slow.
+SLOW_BAD = {("--eps", "abc"), ("--steps", "0"), ("--deepspeed_config", "/nonexistent.json"), ("--train-limit", "0")}
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(a, m, id=" ".join(map(str, a)), marks=[pytest.mark.slow] if tuple(map(str, a)) in SLOW_BAD else [])
+    for a, m in BAD_INPUTS])
 def test_bad_input_exits_with_one_line(tmp_path, args, message):
     r = run_recipe(["--output-dir", tmp_path / "out", *args], timeout=120)
     assert r.returncode == 2

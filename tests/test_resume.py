@@ -68,6 +68,7 @@ def straight(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a straight and a killed 2-rank run; the single-process kill resumes exactly in the fast suite
 def test_sigkill_of_one_rank_mid_epoch_then_resume_equals_straight_run(tmp_path, straight):
     out = tmp_path / "killed"
     proc = launch([*RUN, "--output-dir", out])

@@ -151,6 +151,7 @@ def run_args(data):
             "--save-every", "2", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 
 
+@pytest.mark.slow  # two 2-rank runs; test_elastic stops and resumes mid-epoch in the fast suite
 def test_two_ranks_stopped_inside_an_epoch_resume_with_exactly_the_samples_not_yet_trained(fmnist_shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "ids"
     env = {"DAT_DS_ID_LOG": str(log)}

@@ -112,6 +112,7 @@ def pretrained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # test_an_upsampled_finetune_is_evaluated_as_it_trained upsamples in the fast suite
 def test_finetune_under_the_launcher_with_upsampling(pretrained, tmp_path):
     out = tmp_path / "ft"
     r = run_deepspeed(ROOT / "recipes" / "finetune.py",
