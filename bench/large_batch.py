@@ -657,6 +657,17 @@ def link_rate(args) -> Tuple[float, str]:
     return 1e9, "nominal 1 Gbit/s (bench/link_bench.py has not measured the link)"
 
 
+def byte_ratios() -> Dict[str, float]:
+    """Bytes each compressor sends per rank as a share of the fp32 all-reduce's, as
+    ``bench/link_bench.py`` measured them over its 1 Gbit/s link (empty where it has not run)."""
+    path = RESULTS / "link.json"
+    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    sent = {r["compressor"]: r["MB/rank/epoch"] for r in rows
+            if r.get("link") == "1 Gbit/s" and str(r.get("scenario", "")).startswith("dat")}
+    fp32 = sent.pop("fp32 all-reduce", None)
+    return {name: mb / fp32 for name, mb in sent.items()} if fp32 else {}
+
+
 def hardware(curve: List[dict], args) -> List[dict]:
     """Per-rank training cost per image and the model's parameters, for each machine the time model
     covers: this machine (the curve's own runs) and, where ``bench/gpu_check.py`` measured it, one
@@ -729,6 +740,13 @@ def time_to_robustness(curve: List[dict], args) -> dict:
                 _, at_secs, _ = seconds(target, h)
                 entry.update({f"{key}_ranks": ranks, f"{key}_hours": secs / 3600, f"{key}_speedup": at_secs / secs,
                               f"{key}_exchange_share": share})
+            if reach is not None and entry.get("h200_exchange_share"):  # what a compressor would leave
+                h = next(h for h in hw if _hw_key(h) == "h200")
+                _, at_secs, _ = seconds(target, h)
+                ranks, secs, share = seconds(reach, h)
+                exchange = secs * share
+                entry["h200_speedup_compressed"] = {name: at_secs / (secs - exchange * (1 - ratio))
+                                                    for name, ratio in byte_ratios().items()}
             table.append(entry)
     return {"ranks": world, "link_bits_per_s": rate, "link_source": rate_source, "hardware": hw, "rows": table}
 
@@ -769,6 +787,10 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
                        + (f" ({row['h200_speedup']:.2f}x on H200s, where the exchange over the link is "
                           f"{100 * row['h200_exchange_share']:.0f} % of a step)" if row.get("h200_speedup") else "")
                        + f"; goal at least 3x on this machine: {'met' if row['this_speedup'] >= 3 else 'not met'}")
+            if row.get("h200_speedup_compressed"):
+                out.append(f"{target} on H200s with a compressor (its bytes as measured by bench/link_bench.py, "
+                           f"the exchange time scaled by them; the curve trained uncompressed): " + ", ".join(
+                               f"{name} {x:.2f}x" for name, x in row["h200_speedup_compressed"].items()))
         else:
             out.append(f"{target}: DAT-LAMB does not reach it within {max(row['epochs_tried'])} epochs")
     return out

@@ -234,3 +234,40 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study):
     # validation decides, whatever the test set says
     assert rows["warmup"]["wins"] and not rows["trust-clamp"]["wins"]
     assert rows["warmup"]["plain_val_robust_acc"] == 0.70 and rows["trust-clamp"]["plain_robust_acc"] == 0.71
+
+
+def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(study, tmp_path, monkeypatch):
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB"])
+    sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "_params", lambda args: 1_000_000)
+    (tmp_path / "link.json").write_text(json.dumps({
+        "probe": {"all_reduce_gbit_s": 0.5},
+        "rows": [{"link": "1 Gbit/s", "scenario": "dat (fgsm_rs, micro 16)", "compressor": "fp32 all-reduce",
+                  "MB/rank/epoch": 100.0},
+                 {"link": "1 Gbit/s", "scenario": "dat (fgsm_rs, micro 16)", "compressor": "PowerSGD rank 1",
+                  "MB/rank/epoch": 1.0},
+                 {"link": "100 Mbit/s, 40 ms RTT", "scenario": "dat (fgsm_rs, micro 16)",
+                  "compressor": "QSGD 4-bit", "MB/rank/epoch": 12.5}]}))
+    (tmp_path / "gpu.json").write_text(json.dumps({"sections": {"throughput": {"models": [
+        {"model": "preactresnet18", "img_size": 32, "batch": 256, "dtype": "bfloat16", "params_m": 2.0,
+         "methods": [{"method": "pgd-3", "seconds": 0.0512}, {"method": "pgd-10", "seconds": 1.0}]}]}}}))
+    for run in lb.curve_runs(args):
+        batch = run.method.scale * args.at_batch
+        updates = run.epochs * (55000 // batch)
+        store(run, args, 0.7, updates=updates, clean_acc=0.8, test_samples=10000,
+              robust_acc={3: 0.70, 12: 0.75}[run.epochs] - (0.05 if run.method.name == "DAT" else 0.0),
+              compute_s=0.002 * updates * batch / 2)
+    ttr = lb.time_to_robustness(lb.curve_rows(args), args)
+    assert ttr["link_bits_per_s"] == 0.5e9 and ttr["link_source"].startswith("measured")
+    h200 = ttr["hardware"][1]
+    assert h200["s_per_image"] == pytest.approx(0.0002) and h200["params"] == 2_000_000
+    row = next(r for r in ttr["rows"] if r["target"] == "AT-SGD, 3 epochs" and r["method"] == "DAT-LAMB")
+    exchange = 2 * 7 / 8 * 8e6 * 8 / 0.5e9  # 8 MB of fp32 gradients over 0.5 Gbit/s
+    step = 128 * 0.0002 + exchange
+    at = 3 * (55000 // 128) * 128 * 0.0002
+    assert row["h200_speedup"] == pytest.approx(at / (12 * (55000 // 1024) * step))
+    assert row["h200_exchange_share"] == pytest.approx(exchange / step)
+    # PowerSGD sent 1 % of fp32's bytes on the same link: the exchange shrinks to 1 %
+    assert row["h200_speedup_compressed"] == {
+        "PowerSGD rank 1": pytest.approx(at / (12 * (55000 // 1024) * (128 * 0.0002 + 0.01 * exchange)))}
