@@ -424,7 +424,16 @@ def curve_runs(args) -> List[Run]:
                 mult = chosen_mult(m, args)
                 if mult is not None:
                     out.append(Run(m, "pgd", seed, mult, "curve", epochs=epochs))
-    return out
+    return out + beyond_runs(args)
+
+
+def beyond_runs(args) -> List[Run]:
+    """DAT-LAMB past the curve's longest epochs (``--dat-more-epochs``): where it reaches AT-SGD's RA
+    at AT's longest run, which the time to robustness needs when the equal-epoch row falls short."""
+    lamb = [m for m in curve_methods(args) if m.name == "DAT" and m.optimizer == "LAMB"]
+    mult = chosen_mult(lamb[0], args) if lamb else None
+    return [] if mult is None else [Run(lamb[0], "pgd", s, mult, "curve", epochs=e)
+                                    for e in sorted(args.dat_more_epochs) for s in range(args.seeds)]
 
 
 def conadv_runs(args) -> List[Run]:
@@ -591,11 +600,10 @@ def notes(table: List[dict], args) -> List[str]:
 def curve_rows(args) -> List[dict]:
     """One row per (attack, method, optimizer, epochs) of the curve and ConAdv runs, over their seeds."""
     groups: Dict[tuple, list] = {}
-    for run in curve_runs(args) + conadv_runs(args):
-        rec = load_record(run.key(args))
-        if rec is not None and "robust_acc" in rec:
-            m = run.method
-            groups.setdefault((run.attack, m.name, m.optimizer, m.scale, run.epochs), []).append(rec)
+    for rec in stored("curve"):  # every stored run of the phase, whatever this call's flags plan
+        run, m = rec["run"], rec["run"]["method"]
+        if "robust_acc" in rec:
+            groups.setdefault((run["attack"], m["name"], m["optimizer"], m["scale"], run["epochs"]), []).append(rec)
     out = []
     for (attack, name, opt, scale, epochs), recs in sorted(
             groups.items(), key=lambda g: (g[0][4], g[0][0] != "pgd", g[0][3], CURVE_METHODS.index(
@@ -634,6 +642,11 @@ def remedy_rows(args) -> List[dict]:
                     "plain_robust_acc": plain.get("robust_acc") if plain else None,
                     "wins": bool(plain and rec["val_robust_acc"] > plain["val_robust_acc"])})
     return out
+
+
+def stored(phase: str) -> List[dict]:
+    """The stored records of one phase's runs."""
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob(f"{phase}-*.json"))] if RUNS.is_dir() else []
 
 
 def _std(values: List[float]) -> Optional[float]:
@@ -905,6 +918,8 @@ def main(argv=None) -> None:
                    help="part curve: the equal-epoch rows' epoch counts")
     p.add_argument("--curve-methods", nargs="+", default=list(CURVE_METHODS), choices=CURVE_METHODS,
                    help="part curve: the methods trained (AT at AT's batch, DAT at the smallest scale)")
+    p.add_argument("--dat-more-epochs", type=int, nargs="*", default=[16],
+                   help="part curve: DAT-LAMB also at these epochs, past the curve's longest")
     p.add_argument("--conadv-epochs", type=int, default=6, help="part conadv: epochs of the ConAdv runs")
     p.add_argument("--curve-aa-limit", type=int, default=1000,
                    help="AutoAttack test images for seed 0 of the curve's longest AT-SGD and DAT-LAMB rows")

@@ -149,14 +149,17 @@ def sweep_choices(args, **mults):
 
 
 def test_curve_trains_longest_rows_first_with_the_sweeps_lr(study):
-    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--conadv-epochs", "6"])
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--conadv-epochs", "6",
+                  "--dat-more-epochs", "16"])
     sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
     keys = [r.key(args) for r in lb.curve_runs(args)]
     assert keys == ["curve-pgd-AT-SGD-b128-lr1-s0-e12", "curve-pgd-DAT-LAMB-b1024-lr1-s0-e12",
                     "curve-pgd-AT-SGD-b128-lr1-s1-e12", "curve-pgd-DAT-LAMB-b1024-lr1-s1-e12",
                     "curve-pgd-AT-SGD-b128-lr1-s0-e3",
                     "curve-pgd-DAT-LAMB-b1024-lr1-s0-e3", "curve-pgd-AT-SGD-b128-lr1-s1-e3",
-                    "curve-pgd-DAT-LAMB-b1024-lr1-s1-e3"]
+                    "curve-pgd-DAT-LAMB-b1024-lr1-s1-e3",
+                    # then DAT-LAMB past AT's longest run
+                    "curve-pgd-DAT-LAMB-b1024-lr1-s0-e16", "curve-pgd-DAT-LAMB-b1024-lr1-s1-e16"]
     # ConAdv: DAT-LAMB's batch and LR, its own epochs; trained with clean + adversarial loss
     assert [r.key(args) for r in lb.conadv_runs(args)] == ["curve-conadv-DAT-LAMB-b1024-lr1-s0-e6",
                                                            "curve-conadv-DAT-LAMB-b1024-lr1-s1-e6"]
@@ -166,7 +169,7 @@ def test_curve_trains_longest_rows_first_with_the_sweeps_lr(study):
 
 
 def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
-    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB"])
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--dat-more-epochs"])
     sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
     monkeypatch.setattr(lb, "RESULTS", tmp_path)  # no link or GPU measurement: the nominal link, this machine
     monkeypatch.setattr(lb, "_params", lambda args: 1_000_000)
@@ -237,7 +240,7 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study):
 
 
 def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(study, tmp_path, monkeypatch):
-    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB"])
+    args = parse(["--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--dat-more-epochs"])
     sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
     monkeypatch.setattr(lb, "RESULTS", tmp_path)
     monkeypatch.setattr(lb, "_params", lambda args: 1_000_000)
