@@ -94,7 +94,7 @@ PERCENT |= {"plain_val_robust_acc", "clean_acc", "robust_acc", "plain_robust_acc
 def plot_curve(data: dict, path: Path) -> bool:
     """Left: PGD-10 RA against epochs, one line per method (mean over seeds, std as error bars),
     ConAdv as points. Right: the same RA against the time model's hours on this machine's cores
-    (AT on one rank, DAT on the model's ranks)."""
+    (AT on one rank, DAT on the model's ranks), in minutes."""
     curve = data.get("curve", [])
     if not curve:
         return False
@@ -113,11 +113,10 @@ def plot_curve(data: dict, path: Path) -> bool:
         err = [100 * (r["robust_acc_std"] or 0) for r in pts]
         axes[0].errorbar([r["epochs"] for r in pts], ys, yerr=err, **style)
         if pts[0].get("modelled_hours", {}).get("this") is not None:
-            axes[1].errorbar([r["modelled_hours"]["this"] for r in pts], ys, yerr=err,
+            axes[1].errorbar([60 * r["modelled_hours"]["this"] for r in pts], ys, yerr=err,
                              **{**style, "label": f"{label} on {pts[0]['modelled_ranks']} rank(s)"})
     axes[0].set_xlabel("epochs (each row its own schedule)")
-    axes[1].set_xlabel("modelled hours to train (this machine's per-rank cost, 1 Gbit/s link)")
-    axes[1].set_xscale("log")
+    axes[1].set_xlabel("modelled minutes to train (this machine's per-rank cost, 1 Gbit/s link)")
     for ax in axes:
         ax.set_ylabel("RA (PGD-10) %")
         ax.legend(fontsize=7)
@@ -153,7 +152,7 @@ def render_curve(name: str, data: dict) -> list:
            "Every row trained by the current code from scratch with its own LR schedule for its epoch count "
            "(LRs from the sweep below), PGD-3 training, the validation-best weights evaluated by "
            "`recipes/evaluate.py` (PGD-10 on the test images; AutoAttack on the first AA n for seed 0 of the "
-           "longest AT-SGD and DAT-LAMB rows).", "",
+           "longest AT-SGD and DAT-LAMB rows, where AA n is given).", "",
            table(curve, CURVE_COLUMNS), ""]
     out += [f"* {n}" for n in data.get("curve_notes", [])] + [""]
     if data.get("remedies"):
@@ -165,12 +164,13 @@ def render_curve(name: str, data: dict) -> list:
                                          ("robust_acc", "RA PGD-10 %"), ("plain_robust_acc", "plain RA %"),
                                          ("wins", "wins on validation")]), ""]
     if plot_curve(data, PLOTS / f"{name}_curve.png"):
-        out += [f"![RA vs epochs and modelled hours](plots/{name}_curve.png)", ""]
+        out += [f"![RA vs epochs and modelled minutes](plots/{name}_curve.png)", ""]
+    rerun = ", ".join(dict.fromkeys(f"{r['method'].split('-')[0]}-{r['optimizer']}" for r in curve
+                                    if r["attack"] == "pgd"))
     out += ["### The 3-epoch study", "",
             "The tables below come from the earlier 3-epoch study, whose runs were trained before BatchNorm "
-            "statistics were pooled across ranks and before an epoch ended on an "
-            "optimizer step; the curve above re-ran its AT-SGD, AT-LAMB, DAT-LAMB and DAT-SGD rows with the "
-            "current code.", ""]
+            "statistics were pooled across ranks and before an epoch ended on an optimizer step; the curve "
+            f"above re-ran these of its methods with the current code: {rerun}.", ""]
     return out
 
 
