@@ -34,6 +34,19 @@ def table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, data: dict, path: Path) -> bool:
+    """Name the machine and backbone under the figure, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+    m = data.get("machine", {})
+    fig.text(0.01, 0.01, f"{m.get('cpu', '?')} x{m.get('cores', '?')}, GPU {m.get('gpu', 'none')}, "
+             f"{m.get('date', '')}; {data.get('settings', {}).get('backbone')}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot(data: dict, path: Path) -> bool:
     """RA (PGD-10, mean over seeds, std as error bars) against global batch, one line per optimizer
     and attack; AT's small-batch point sits at the left of every line of its optimizer."""
@@ -66,14 +79,7 @@ def plot(data: dict, path: Path) -> bool:
         ax.set_ylabel("RA (PGD-10) %")
         ax.set_title(f"{attack} training", fontsize=9)
         ax.legend(fontsize=7)
-    m = data.get("machine", {})
-    fig.text(0.01, 0.01, f"{m.get('cpu', '?')} x{m.get('cores', '?')}, GPU {m.get('gpu', 'none')}, "
-             f"{m.get('date', '')}; {data.get('settings', {}).get('backbone')}", fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, data, path)
 
 
 CURVE_COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batch_size", "global batch"),
@@ -120,14 +126,7 @@ def plot_curve(data: dict, path: Path) -> bool:
     for ax in axes:
         ax.set_ylabel("RA (PGD-10) %")
         ax.legend(fontsize=7)
-    m = data.get("machine", {})
-    fig.text(0.01, 0.01, f"{m.get('cpu', '?')} x{m.get('cores', '?')}, GPU {m.get('gpu', 'none')}, "
-             f"{m.get('date', '')}; {data.get('settings', {}).get('backbone')}", fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, data, path)
 
 
 def render_curve(name: str, data: dict) -> list:
