@@ -97,6 +97,20 @@ def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None, port=None):
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_group(cmd, env, timeout, cwd=ROOT, shell=False):
+    """Run ``cmd`` in its own process group; on a timeout the whole group (a launcher's ranks) ends."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, shell=shell, executable="/bin/bash" if shell else None)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(path: Path, options: str):
     """A tmpfs mounted at ``path`` with ``options`` (e.g. ``size=1m`` or ``size=1m,ro``; the tests run

@@ -3,32 +3,18 @@ generated ImageFolder with a localhost hostfile, end to end to ``summary.json``.
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, run_recipe
+from conftest import clean_env, run_group, run_recipe
 from dat_ds.checkpoint_io import load_model
 from dat_ds.dist import free_port
 from test_data_images import add_bad_images, write_folder, write_jpeg
 
 LAUNCHER = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def run_group(cmd, env, timeout):
-    """Run the launcher in its own process group; on a timeout its ranks end with it."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow  # about a minute on 2 busy cores

@@ -20,14 +20,12 @@ Every command is printed as it ran. Blocks in FAST run in ``make test``; the res
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, run_group
 from readme_blocks import commands, console, is_console, parse, script_of, set_flags, split, substitute
 
 README = ROOT / "README.md"
@@ -186,15 +184,7 @@ class Workspace:
     def exec(self, argv, timeout=900, shell=False):
         """Run in the workspace in its own process group (its ranks end with it on a timeout)."""
         print("$", argv if shell else " ".join(map(str, argv)), flush=True)
-        proc = subprocess.Popen(argv, cwd=self.path, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True, shell=shell,
-                                executable="/bin/bash" if shell else None)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return run_group(argv, self.env, timeout, cwd=self.path, shell=shell)
 
     def run(self, cmd: str):
         """One README command, rewritten as the module docstring says."""
