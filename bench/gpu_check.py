@@ -102,6 +102,22 @@ class Run:
         self.data["sections"][name] = result
         self.save()
 
+    def keep(self, path: Optional[Path]) -> None:
+        """Start from the sections a results file at ``path`` holds (``--merge``): those this run
+        measures are replaced, the others stay, each marked with the machine and date it came from."""
+        if path is None or not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"gpu_check: --merge cannot read {path}: {err}")
+        when = old.get("machine", {})
+        for name, section in old.get("sections", {}).items():
+            if name not in self.sections and name != "memory":
+                section.setdefault("measured", {"date": when.get("date"), "gpu": when.get("gpu"),
+                                                "torch": when.get("torch")})
+                self.data["sections"][name] = section
+
     def memory(self) -> dict:
         peaks = {k: v["peak_memory_gb"] for k, v in self.data["sections"].items()
                  if v.get("peak_memory_gb") is not None and k != "throughput"}  # its models have their own
@@ -148,6 +164,12 @@ def main(argv=None) -> int:
                         "synchronous agreement and no guard, "
                         "the bare loop): the device's busy share, the host's costliest operators, gzipped Chrome "
                         "traces in DIR")
+    p.add_argument("--methods", nargs="+", choices=[label for label, _, _ in METHODS], default=None, metavar="METHOD",
+                   help="time only these methods in tuned and throughput (default: all: "
+                        f"{' '.join(label for label, _, _ in METHODS)})")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of the results file that this run does not measure, each marked with "
+                        "the date and machine it was measured on")
     p.add_argument("--budget-s", type=float, default=None,
                    help="no section starts after this many seconds (default: 480 on CUDA, 180 with --quick)")
     args = p.parse_args(argv)
@@ -169,7 +191,12 @@ def main(argv=None) -> int:
     plan = make_plan(device, args.quick)
     if args.budget_s is not None:
         plan.budget_s = args.budget_s
-    data = Run(plan, device, out, args.quick, args.sections, args.trace).all()
+    if args.methods:
+        plan.methods = tuple(args.methods)
+    run = Run(plan, device, out, args.quick, args.sections, args.trace)
+    if args.merge:
+        run.keep(out)
+    data = run.all()
     print(render_gpu("gpu", data))
     print(f"written: {out}" if out else "(a CPU run: not written; --out PATH keeps it)")
     return 0

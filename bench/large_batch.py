@@ -30,8 +30,10 @@ Design (every choice on a validation split, the test set only for the final tabl
   ``--seeds`` seeds, the sweep's LRs; longest rows first, each evaluated (PGD-10) as soon as trained;
 * ``conadv``: ConAdv (one-step attack on one-update-old weights, clean + adversarial loss) at 8x
   with DAT-LAMB's LR, ``--conadv-epochs``, against the curve's DAT-LAMB row of those epochs;
-* ``curve-aa``: AutoAttack on the first ``--curve-aa-limit`` test images for seed 0 of the longest
-  AT-SGD and DAT-LAMB curve rows;
+* ``curve-aa``: AutoAttack on the first ``--curve-aa-limit`` test images for the first
+  ``--curve-aa-seeds`` seeds of the longest ``--curve-aa-methods`` rows (AT-SGD and DAT-LAMB), with
+  PGD-10 on the same images beside it; a summary of the same command run on another machine (a GPU)
+  and copied into the run's ``eval_autoattack/`` is read instead of evaluating again;
 * ``table`` also models the time to robustness: the wall-clock to reach AT-SGD's RA at each of its
   epoch counts, AT on one rank against DAT on ``--ttr-ranks`` ranks, from the measured per-image
   training cost (this machine: the curve's runs; H200: ``gpu.json``) and a ring all-reduce of the
@@ -55,6 +57,7 @@ the table) to time them and check the plumbing.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -284,6 +287,13 @@ def evaluate(record: dict, args, port: int, autoattack_only: bool = False) -> di
     for name, flags in passes:
         eval_dir = out / f"eval_{name}"
         log = _beside(out, f".eval_{name}.log")
+        s = elsewhere(eval_dir, out, args) if autoattack_only else None
+        if s is not None:  # the same command's output from another machine: its wall-clock says nothing here
+            print(f"  AutoAttack of {record['key']} found in {_relative(eval_dir)}, evaluated on {s['device']}",
+                  flush=True)
+            result.update(autoattack_acc=s["autoattack"]["robust_acc"], autoattack_samples=s["eval_samples"],
+                          autoattack_device=s["device"])
+            continue
         t0 = time.perf_counter()
         code, cpu_s = launch(common + flags + ["--output-dir", str(eval_dir)], args, log, port)
         if code != 0:
@@ -301,6 +311,23 @@ def evaluate(record: dict, args, port: int, autoattack_only: bool = False) -> di
             result.update(autoattack_acc=s["autoattack"]["robust_acc"], autoattack_samples=s["eval_samples"])
     result["eval_wall_s"] = sum(wall for wall, _ in result["eval_walls"].values())
     return result
+
+
+def elsewhere(eval_dir: Path, out: Path, args) -> Optional[dict]:
+    """The summary of part curve-aa's AutoAttack command run on another machine (a GPU, say) and
+    copied into ``eval_dir``: used where it evaluated this run's validation-best weights on the first
+    ``--curve-aa-limit`` test images with the study's settings, else None (the pass runs here)."""
+    path = eval_dir / "eval_summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    aa = s.get("autoattack") or {}
+    ckpt = Path(s.get("checkpoint", ""))
+    if (s.get("device", "cpu") == "cpu" or Path(s.get("run_dir", "")).name != out.name or ckpt.parent.name != "best"
+            or s.get("eval_samples") != args.curve_aa_limit or aa.get("version") != "standard"
+            or aa.get("eps") != args.eps or s.get("batch_size") != 250):
+        return None
+    return s
 
 
 def headline(record: dict, args) -> bool:
@@ -448,12 +475,15 @@ def conadv_runs(args) -> List[Run]:
 
 
 def curve_autoattack(args, deadline: float) -> None:
-    """AutoAttack on the first ``--curve-aa-limit`` test images for seed 0 of the longest AT-SGD and
-    DAT-LAMB curve rows (the goal's pair), once their PGD rows are evaluated."""
+    """AutoAttack on the first ``--curve-aa-limit`` test images for the first ``--curve-aa-seeds`` seeds
+    of the longest ``--curve-aa-methods`` curve rows (the goal's pair by default), once their PGD rows
+    are evaluated; lower seeds first, so the pair of seed 0 is complete before seed 1 starts."""
     longest = max(args.curve_epochs)
-    for i, run in enumerate(curve_runs(args)):
+    order = sorted(curve_runs(args), key=lambda r: r.seed)
+    for i, run in enumerate(order):
         record = load_record(run.key(args))
-        if (run.seed or run.epochs != longest or run.label not in ("AT-SGD", "DAT-LAMB") or record is None
+        if (run.seed >= args.curve_aa_seeds or run.epochs != longest or run.label not in args.curve_aa_methods
+                or record is None
                 or "robust_acc" not in record or record.get("autoattack_samples") == args.curve_aa_limit):
             continue
         if time.time() > deadline:
@@ -461,8 +491,42 @@ def curve_autoattack(args, deadline: float) -> None:
             return
         print(f"autoattack {run.key(args)} ...", flush=True)
         record.update(evaluate(record, args, 29500 + (os.getpid() + i) % 400, autoattack_only=True))
+        record.update(aa_samples(record))
         store(record)
-        print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']}", flush=True)
+        print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']} "
+              f"(PGD-10 {_pct(record['autoattack_pgd_acc'])} on the same images)", flush=True)
+    for run in curve_runs(args):  # records from before the per-sample fields
+        record = load_record(run.key(args))
+        if record and record.get("autoattack_samples") and "autoattack_pgd_acc" not in record:
+            record.update(aa_samples(record))
+            store(record)
+
+
+def aa_samples(record: dict) -> dict:
+    """PGD-10's accuracy on AutoAttack's images (the first ``autoattack_samples`` test images, read from
+    both evaluations' ``per_sample.csv``) and AutoAttack's per-image outcomes as a string of 0/1: the
+    two attacks compared on the same images, and two models compared image by image."""
+    out = ROOT / record["output_dir"]
+    n = record["autoattack_samples"]
+    with open(out / "eval_pgd" / "per_sample.csv") as f:
+        pgd = [r for _, r in zip(range(n), csv.DictReader(f))]
+    with open(out / "eval_autoattack" / "per_sample.csv") as f:
+        aa = list(csv.DictReader(f))
+    if [r["index"] for r in pgd] != [r["index"] for r in aa]:
+        raise RuntimeError(f"{record['key']}: the PGD and AutoAttack evaluations read different images")
+    pgd_col = next(c for c in pgd[0] if c.startswith("pgd10"))
+    aa_col = next(c for c in aa[0] if c.startswith("autoattack"))
+    return {"autoattack_pgd_acc": sum(int(r[pgd_col]) for r in pgd) / n,
+            "autoattack_per_sample": "".join(r[aa_col] for r in aa)}
+
+
+def mcnemar(a: str, b: str) -> Tuple[int, int, float]:
+    """Images only ``a`` survives, images only ``b`` survives, and the exact two-sided McNemar p-value
+    (a binomial test on the discordant images) for two models' per-image outcomes under one attack."""
+    from scipy.stats import binomtest
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    return only_a, only_b, binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
 
 
 def remedy_runs(args) -> List[Run]:
@@ -609,17 +673,27 @@ def curve_rows(args) -> List[dict]:
             groups.items(), key=lambda g: (g[0][4], g[0][0] != "pgd", g[0][3], CURVE_METHODS.index(
                 f"{g[0][1]}-{g[0][2]}") if f"{g[0][1]}-{g[0][2]}" in CURVE_METHODS else 9)):
         ra, ta = [r["robust_acc"] for r in recs], [r["clean_acc"] for r in recs]
-        aa = [r for r in recs if r.get("autoattack_acc") is not None]
+        aa = sorted((r for r in recs if r.get("autoattack_acc") is not None), key=lambda r: r["run"]["seed"])
         out.append({"method": f"{name}-{LABELS[attack]}", "attack": attack, "optimizer": opt,
                     "global_batch_size": recs[0]["global_batch_size"], "epochs": epochs, "seeds": len(recs),
                     "updates": recs[0]["updates"], "lr_mult": recs[0]["run"]["lr_mult"], "peak_lr": recs[0]["peak_lr"],
                     "clean_acc_mean": statistics.fmean(ta), "clean_acc_std": _std(ta),
                     "robust_acc_mean": statistics.fmean(ra), "robust_acc_std": _std(ra),
                     "robust_acc_seeds": ra,
-                    "autoattack_acc": aa[0]["autoattack_acc"] if aa else None,
+                    # AutoAttack: the mean over the seeds it ran on, and each seed's per-image outcomes
+                    "autoattack_acc": statistics.fmean(r["autoattack_acc"] for r in aa) if aa else None,
+                    "autoattack_seeds": ", ".join(str(r["run"]["seed"]) for r in aa) or None,
                     "autoattack_samples": aa[0]["autoattack_samples"] if aa else None,
+                    "autoattack_device": ", ".join(dict.fromkeys(r.get("autoattack_device", "cpu") for r in aa))
+                    or None,
+                    "autoattack_pgd_acc": statistics.fmean(r["autoattack_pgd_acc"] for r in aa)
+                    if aa and all("autoattack_pgd_acc" in r for r in aa) else None,
+                    "autoattack_by_seed": {str(r["run"]["seed"]): {
+                        "acc": r["autoattack_acc"], "pgd_acc": r.get("autoattack_pgd_acc"),
+                        "per_sample": r.get("autoattack_per_sample")} for r in aa},
                     "test_samples": recs[0]["test_samples"],
                     "compute_s_per_image": statistics.fmean(_per_image(r, args) for r in recs),
+                    "compute_s_per_image_min": min(_per_image(r, args) for r in recs),
                     "wall_s": statistics.fmean(r["train_wall_s"] + r.get("eval_wall_s", 0) for r in recs)})
     return out
 
@@ -686,11 +760,17 @@ def hardware(curve: List[dict], args) -> List[dict]:
     covers: this machine (the curve's own runs) and, where ``bench/gpu_check.py`` measured it, one
     H200 (its PGD-3 step of preactresnet18 at 32 px, bf16)."""
     out = []
-    at = [r["compute_s_per_image"] for r in curve if r["attack"] == "pgd"]
-    if at:
+    by_batch: Dict[int, float] = {}  # the least-loaded run of each batch: other work on the cores only slows a run
+    for r in curve:
+        if r["attack"] == "pgd":
+            cost = r.get("compute_s_per_image_min", r["compute_s_per_image"])
+            by_batch[r["global_batch_size"]] = min(cost, by_batch.get(r["global_batch_size"], math.inf))
+    if by_batch:
         out.append({"name": "this machine (1 core per rank)", "model": args.backbone,
-                    "s_per_image": statistics.fmean(at), "params": _params(args),
-                    "source": "the curve's runs: per-rank compute seconds per training image (PGD-3)"})
+                    "s_per_image": by_batch.get(args.at_batch, min(by_batch.values())),
+                    "s_per_image_by_batch": by_batch, "params": _params(args),
+                    "source": "the curve's runs: per-rank compute seconds per training image (PGD-3), the fastest "
+                              "run of each global batch"})
     gpu = RESULTS / "gpu.json"
     if gpu.is_file():
         for m in json.loads(gpu.read_text()).get("sections", {}).get("throughput", {}).get("models", []):
@@ -727,7 +807,7 @@ def time_to_robustness(curve: List[dict], args) -> dict:
         batch = row["global_batch_size"]
         ranks = 1 if batch == args.at_batch else world
         exchange = 0.0 if ranks == 1 else 2 * (ranks - 1) / ranks * 4 * h["params"] * 8 / rate
-        step = batch / ranks * h["s_per_image"] + exchange
+        step = batch / ranks * h.get("s_per_image_by_batch", {}).get(batch, h["s_per_image"]) + exchange
         return ranks, row["epochs"] * (images // batch) * step, exchange / step
 
     for row in pgd:  # every curve row's modelled time (the plot's second panel)
@@ -782,6 +862,8 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
                        f"vs AT-SGD {100 * at['robust_acc_mean']:.1f} % ({gap:+.1f} points, {lamb['updates']} updates "
                        f"against {at['updates']}); goal within 2 points "
                        + (("met" if gap >= -2 else "not met") if enough else "not judged (fewer than 600 updates)"))
+        if at and lamb:
+            out += autoattack_notes(e, at, lamb)
     for r in curve:
         if r["attack"] == "conadv":
             ref = pgd.get(("DAT-PGD", "LAMB", r["epochs"]))
@@ -806,6 +888,31 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
                                f"{name} {x:.2f}x" for name, x in row["h200_speedup_compressed"].items()))
         else:
             out.append(f"{target}: DAT-LAMB does not reach it within {max(row['epochs_tried'])} epochs")
+    return out
+
+
+def autoattack_notes(epochs: int, at: dict, lamb: dict) -> List[str]:
+    """AT-SGD and DAT-LAMB at ``epochs`` under AutoAttack, seed by seed where both have it (the same
+    images, PGD-10 on them beside it, an exact McNemar test image by image), then the seeds' mean."""
+    out, gaps = [], []
+    for seed in sorted(set(at.get("autoattack_by_seed", {})) & set(lamb.get("autoattack_by_seed", {})), key=int):
+        a, d = at["autoattack_by_seed"][seed], lamb["autoattack_by_seed"][seed]
+        if not (a.get("per_sample") and d.get("per_sample") and a.get("pgd_acc") is not None
+                and d.get("pgd_acc") is not None):
+            continue
+        only_at, only_lamb, p = mcnemar(a["per_sample"], d["per_sample"])
+        gaps.append(100 * (d["acc"] - a["acc"]))
+        out.append(f"{epochs} epochs under AutoAttack, seed {seed}, the first {at['autoattack_samples']} test "
+                   f"images: DAT-LAMB {100 * d['acc']:.1f} % vs AT-SGD {100 * a['acc']:.1f} % ({gaps[-1]:+.1f} "
+                   f"points; PGD-10 on the same images {100 * d['pgd_acc']:.1f} % vs {100 * a['pgd_acc']:.1f} %, "
+                   f"{100 * (d['pgd_acc'] - a['pgd_acc']):+.1f}); AutoAttack takes "
+                   f"{100 * (d['pgd_acc'] - d['acc']):.1f} points off DAT-LAMB's PGD-10 RA and "
+                   f"{100 * (a['pgd_acc'] - a['acc']):.1f} off AT's; {only_at} images only AT survives, "
+                   f"{only_lamb} only DAT-LAMB, exact McNemar p = {p:.1g}")
+    if gaps:
+        mean = statistics.fmean(gaps)
+        out.append(f"{epochs} epochs under AutoAttack, mean over {len(gaps)} seed(s): {mean:+.1f} points; within 2 "
+                   f"points under AutoAttack: {'yes' if mean >= -2 else 'no'}")
     return out
 
 
@@ -922,7 +1029,11 @@ def main(argv=None) -> None:
                    help="part curve: DAT-LAMB also at these epochs, past the curve's longest")
     p.add_argument("--conadv-epochs", type=int, default=6, help="part conadv: epochs of the ConAdv runs")
     p.add_argument("--curve-aa-limit", type=int, default=1000,
-                   help="AutoAttack test images for seed 0 of the curve's longest AT-SGD and DAT-LAMB rows")
+                   help="part curve-aa: AutoAttack's test images (the first N)")
+    p.add_argument("--curve-aa-seeds", type=int, default=1,
+                   help="part curve-aa: AutoAttack on the runs of the first N seeds")
+    p.add_argument("--curve-aa-methods", nargs="+", default=["AT-SGD", "DAT-LAMB"], choices=CURVE_METHODS,
+                   help="part curve-aa: the methods whose longest curve rows AutoAttack evaluates")
     p.add_argument("--remedies", nargs="+", default=list(REMEDIES), choices=list(REMEDIES),
                    help="part remedies: the changes tried on DAT-LAMB at the curve's longest epochs")
     p.add_argument("--remedy-seeds", type=int, default=1, help="part remedies: seeds of each remedy")

@@ -95,6 +95,10 @@ def tuned(section: dict) -> List[str]:
            f"`--channels-last on --compile on`; MFU = img/s x FLOPs per image / "
            + (f"{_fmt(peak)} TFLOP/s (dense bf16 peak)" if peak else "a bf16 peak (none known for this device)"),
            "", *_not_gpu(section)]
+    if section.get("anchor_attack") != "frozen weights":
+        out += ["*The loops' attacks in this run kept the weights requiring gradients: the compiled loop's "
+                "backward computed them in every attack step, so its attack rows understate the anchor "
+                "(the check now freezes them, as dat-ds does).*", ""]
     headers = ["method", "untuned img/s", "tuned img/s", "dat-ds img/s", "dat-ds / tuned", "untuned / tuned",
                "GFLOP / image", "MFU tuned", "MFU dat-ds"]
     return out + _table(headers, _rows(section["methods"], "method", lambda r: [
@@ -129,10 +133,15 @@ def powersgd(section: dict) -> List[str]:
     out = ["### PowerSGD: matrices grouped by shape against one tensor at a time", "",
            f"`{section['model']}` gradient, {section['numel'] / 1e6:.1f} M values in {section['tensors']} tensors "
            f"({section['matrices']} matrices of {section['shapes']} shapes); encode + decode at world size 1, "
-           "alternating.", ""]
-    headers = ["rank", "grouped GB/s", "per tensor GB/s", "speed-up", "same result"]
+           "alternating. Same result: one step of each form from the same state, to rtol 1e-4 (where the diff "
+           "columns are empty, the check compared after all its timed steps instead, where warm-started Q and the "
+           "carried error compound rounding differences); max rel. diff: the largest difference over the largest "
+           "entry.", ""]
+    headers = ["rank", "grouped GB/s", "per tensor GB/s", "speed-up", "same result", "max rel. diff, 1 step",
+               "max rel. diff, all steps"]
     return out + _table(headers, _rows(section["ranks"], "matrix_rank", lambda r: [
-        r["matrix_rank"], r["grouped_gbps"], r["per_tensor_gbps"], r["speedup"], r["same_result"]], len(headers)))
+        r["matrix_rank"], r["grouped_gbps"], r["per_tensor_gbps"], r["speedup"], r["same_result"],
+        r.get("max_rel_diff"), r.get("max_rel_diff_after_steps")], len(headers)))
 
 
 def conadv(o: dict) -> List[str]:
@@ -248,7 +257,12 @@ def render_gpu(name: str, data: dict) -> str:
             out += [f"### {key}: {problem}", ""]
             continue
         try:
-            out += fn(section)
+            lines = fn(section)
+            if section.get("measured"):  # kept by --merge from an earlier run
+                when = section["measured"]
+                lines[1:1] = ["", f"*Measured in an earlier run of the check: {when.get('date')}, {when.get('gpu')}, "
+                                  f"torch {when.get('torch')}.*"]
+            out += lines
         except (KeyError, TypeError, ValueError) as err:
             out += [f"### {key}: could not render ({err!r})", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -85,8 +85,10 @@ def plot(data: dict, path: Path) -> bool:
 CURVE_COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batch_size", "global batch"),
                  ("epochs", "epochs"), ("updates", "updates"), ("seeds", "seeds"), ("peak_lr", "peak LR"),
                  ("clean_acc_mean", "TA %"), ("clean_acc_std", "TA std"), ("robust_acc_mean", "RA PGD-10 %"),
-                 ("robust_acc_std", "RA std"), ("test_samples", "test n"), ("autoattack_acc", "AA % (seed 0)"),
-                 ("autoattack_samples", "AA n"), ("wall_s", "wall s / run")]
+                 ("robust_acc_std", "RA std"), ("test_samples", "test n"), ("autoattack_acc", "AA %"),
+                 ("autoattack_pgd_acc", "PGD-10 % on AA's images"), ("autoattack_seeds", "AA seeds"),
+                 ("autoattack_samples", "AA n"),
+                 ("autoattack_device", "AA run on"), ("wall_s", "wall s / run")]
 TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"), ("method", "method"),
                ("global_batch_size", "global batch"), ("epochs", "epochs to reach"), ("ra", "RA there %"),
                ("this_ranks", "ranks"), ("this_hours", "hours, this machine's cores"),
@@ -94,7 +96,8 @@ TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"
                ("h200_hours", "hours, H200s"), ("h200_speedup", "H200 speed-up vs AT on 1"),
                ("h200_exchange_share", "H200 exchange share")]
 PERCENT |= {"plain_val_robust_acc", "clean_acc", "robust_acc", "plain_robust_acc",
-            "clean_acc_std", "target_ra", "ra", "autoattack_acc", "this_exchange_share", "h200_exchange_share"}
+            "clean_acc_std", "target_ra", "ra", "autoattack_acc", "autoattack_pgd_acc", "this_exchange_share",
+            "h200_exchange_share"}
 
 
 def plot_curve(data: dict, path: Path) -> bool:
@@ -129,6 +132,14 @@ def plot_curve(data: dict, path: Path) -> bool:
     return save_figure(fig, data, path)
 
 
+def _per_image_ms(h: dict) -> str:
+    by_batch = h.get("s_per_image_by_batch")
+    if not by_batch:
+        return f"{1000 * h['s_per_image']:.3f} ms"
+    rows = sorted(by_batch.items(), key=lambda item: int(item[0]))  # JSON keeps the batches as strings
+    return ", ".join(f"{1000 * s:.3f} ms at global batch {b}" for b, s in rows)
+
+
 def render_curve(name: str, data: dict) -> list:
     """Time to robustness (the headline) and the equal-epoch curve."""
     curve, ttr = data.get("curve", []), data.get("time_to_robustness", {})
@@ -142,16 +153,19 @@ def render_curve(name: str, data: dict) -> list:
            "(measured per image; on this machine from the curve's own runs, on H200s from `gpu.json`'s PGD-3 step "
            "of preactresnet18, the curve's epochs ratio borrowed) plus a ring all-reduce of the fp32 gradients, "
            f"2(W-1)/W x 4 bytes x parameters over {ttr.get('link_bits_per_s', 0) / 1e9:.3f} Gbit/s "
-           f"({ttr.get('link_source')}); no overlap of exchange and compute, no latency term.", "",
+           f"({ttr.get('link_source')}); no overlap of exchange and compute, no latency term. The targets are "
+           "PGD-10 figures: where the curve notes below compare the longest rows under AutoAttack, read them "
+           "before these speed-ups.", "",
            table(ttr.get("rows", []), TTR_COLUMNS), "",
            "Machines of the model: " + "; ".join(
-               f"{h['name']}: {h['model']}, {1000 * h['s_per_image']:.3f} ms per training image, "
+               f"{h['name']}: {h['model']}, {_per_image_ms(h)} per training image, "
                f"{h['params'] / 1e6:.2f} M parameters ({h['source']})" for h in ttr.get("hardware", [])), "",
            "### Equal-epoch curve", "",
            "Every row trained by the current code from scratch with its own LR schedule for its epoch count "
            "(LRs from the sweep below), PGD-3 training, the validation-best weights evaluated by "
-           "`recipes/evaluate.py` (PGD-10 on the test images; AutoAttack on the first AA n for seed 0 of the "
-           "longest AT-SGD and DAT-LAMB rows, where AA n is given).", "",
+           "`recipes/evaluate.py` (PGD-10 on the test images; AutoAttack on the first AA n for the AA seeds of the "
+           "longest AT-SGD and DAT-LAMB rows, the mean over them, beside PGD-10 on the same images; AA run on: "
+           "the machine of that evaluation, fp32 on either, which changes rounding, not the attack).", "",
            table(curve, CURVE_COLUMNS), ""]
     out += [f"* {n}" for n in data.get("curve_notes", [])] + [""]
     if data.get("remedies"):

@@ -122,6 +122,11 @@ def make_specs(args, meta: dict) -> dict:
             "norm": norm, "eps": eps}
 
 
+def device_name(device: torch.device) -> str:
+    """What evaluated: ``cuda: NVIDIA H200`` or ``cpu``."""
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def check_data(data, meta: dict) -> None:
     want = (meta["num_classes"], meta["in_chans"], meta["img_size"])
     got = (data.num_classes, data.in_chans, data.img_size)
@@ -210,7 +215,8 @@ def main(argv=None) -> dict:
                 "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
                 "weights": meta.get("weights", "raw"),
                 "eps": specs["eps"], "seed": args.seed,
-                "batch_size": args.batch_size, "world_size": dist.world_size(), "eval_s": time.perf_counter() - t0}
+                "batch_size": args.batch_size, "world_size": dist.world_size(), "device": device_name(device),
+                "eval_s": time.perf_counter() - t0}
     summary = summarize(table, specs, settings)
     if dist.is_main():
         write_outputs(out, summary, table)

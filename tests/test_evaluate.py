@@ -19,7 +19,7 @@ TRAIN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "3000
          "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 SUMMARY_KEYS = {"clean_acc", "pgd", "eps_sweep", "steps_sweep", "autoattack", "worst_case_acc", "eval_samples",
                 "checkpoint", "run_dir", "model", "dataset", "norm", "eps", "seed", "batch_size", "world_size",
-                "eval_s", "columns"}
+                "device", "eval_s", "columns"}
 PGD_KEYS = {"eps", "steps", "alpha", "restarts", "norm", "robust_acc"}
 
 
@@ -83,7 +83,7 @@ def test_outputs_have_the_documented_keys(suite):
     s, out = suite
     assert SUMMARY_KEYS <= set(s)
     assert s["model"]["backbone"] == "test_resnet" and s["eps"] == 0.1 and s["norm"] == "linf"
-    assert s["eval_samples"] == 16 and s["world_size"] == 1
+    assert s["eval_samples"] == 16 and s["world_size"] == 1 and s["device"] == "cpu"
     assert all(set(r) == PGD_KEYS for r in s["pgd"] + s["eps_sweep"] + s["steps_sweep"])
     assert s["autoattack"] == {"eps": 0.1, "version": "standard", "norm": "linf", "num_classes": 10,
                                "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "target_classes": 9,

@@ -172,6 +172,7 @@ def test_the_tuned_anchor_for_every_method_with_flops_and_no_gpu_figure_on_a_cpu
     assert flops["natural"] < flops["fgsm_rs"] < flops["pgd-3"] < flops["pgd-10"]
     assert 4 < flops["free-4"] / flops["natural"] < 4.2  # plus the input gradient of the first convolution
     assert "### The anchor: dat-ds against a tuned PyTorch loop" in stdout and "**Not a GPU figure**" in stdout
+    assert tuned["anchor_attack"] == "frozen weights" and "understate the anchor" not in stdout
 
 
 def test_the_bf16_peak_comes_from_the_device_name(monkeypatch):
@@ -208,6 +209,7 @@ def test_the_batch_sweep_and_powersgd_grouped_against_per_tensor(quick):
     assert [r["matrix_rank"] for r in ps["ranks"]] == [1, 4] and ps["matrices"] >= ps["shapes"] > 0
     for r in ps["ranks"]:
         assert positive(r["grouped_gbps"]) and positive(r["per_tensor_gbps"]) and r["same_result"], r
+        assert 0 <= r["max_rel_diff"] < 1e-4 and r["steps"] > 1 and math.isfinite(r["max_rel_diff_after_steps"]), r
     assert "### Micro-batch sweep" in stdout and "### PowerSGD: matrices grouped by shape" in stdout
 
 
@@ -216,3 +218,59 @@ def test_sections_missing_from_an_older_gpu_results_file_read_not_yet_measured()
     for key in ("tuned", "guard", "sweep", "powersgd"):
         assert f"### {key}: not yet measured on a GPU" in text
     assert "### nccl: not run" in text
+
+
+def test_methods_restrict_the_timed_methods_and_an_unknown_one_is_refused(capsys):
+    from gpu.harness import plan_methods
+    plan = gpu_check.make_plan(torch.device("cpu"), quick=True)
+    assert [m[0] for m in plan_methods(plan)] == [label for label, _, _ in gpu_check.METHODS]
+    plan.methods = ("pgd-3", "natural")
+    assert [m[0] for m in plan_methods(plan)] == ["natural", "pgd-3"]  # the check's order, not the flag's
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--device", "cpu", "--quick", "--methods", "pgd-7"])
+    assert exit_info.value.code == 2 and "pgd-7" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_sections_this_run_does_not_measure_marked_with_their_date(tmp_path):
+    old = {"machine": {"date": "2026-11-30 01:31 UTC", "gpu": "NVIDIA H200", "torch": "2.11.0+cu130"},
+           "sections": {"lamb": {"model": "resnet50", "params_m": 23.5, "settings": {}, "rows": []},
+                        "codec": {"stale": True}, "memory": {"peak_gb": 1.0}}}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(old))
+    plan = gpu_check.make_plan(torch.device("cpu"), quick=True)
+    run = gpu_check.Run(plan, torch.device("cpu"), path, True, ["codec", "memory"])
+    run.keep(path)
+    kept = run.data["sections"]
+    assert set(kept) == {"lamb"}  # codec is measured again, memory is summed up again
+    assert kept["lamb"]["measured"] == {"date": "2026-11-30 01:31 UTC", "gpu": "NVIDIA H200",
+                                        "torch": "2.11.0+cu130"}
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="--merge cannot read"):
+        run.keep(path)
+
+
+def test_a_kept_section_says_when_it_was_measured():
+    data = {"settings": {"device": "cuda"}, "sections": {"guard": {
+        "model": "resnet50", "batch": 128, "dtype": "bfloat16", "methods": [],
+        "measured": {"date": "2026-11-30 01:31 UTC", "gpu": "NVIDIA H200", "torch": "2.11"}}}}
+    text = render_gpu("gpu", data)
+    assert "Measured in an earlier run of the check: 2026-11-30 01:31 UTC, NVIDIA H200, torch 2.11." in text
+
+
+def test_the_bare_loops_attack_freezes_the_weights_as_a_tuned_loop_does():
+    """A compiled model's backward graph computes the weights' gradients whenever they require them,
+    so the anchor's attack must freeze them (as dat-ds does), or the tuned loop pays for gradients no
+    one reads; afterwards they require gradients again and none was left on them."""
+    from gpu.harness import frozen_attack
+
+    from dat_ds import attacks
+    from dat_ds.models import create_model
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, in_chans=1, img_size=16, stem="native").train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, [p.requires_grad for p in m.parameters()])))
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    x_adv = frozen_attack(model, x, y, attacks.create("pgd", eps=0.1, steps=2, alpha=0.05))
+    assert len(seen) == 2 and all(not training and not any(grads) for training, grads in seen)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(x_adv, x)
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())

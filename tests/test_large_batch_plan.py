@@ -177,14 +177,16 @@ def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
     for run in lb.curve_runs(args):
         batch = run.method.scale * args.at_batch
         updates = run.epochs * (55000 // batch)
-        # 2 ms per image on each of the 2 ranks
+        # 2 ms per image on each of the 2 ranks; seed 1 ran beside other work, twice as slow
         store(run, args, 0.7, updates=updates, clean_acc=0.8, test_samples=10000,
-              robust_acc=ra[(run.method.name, run.epochs)][run.seed], compute_s=0.002 * updates * batch / 2)
+              robust_acc=ra[(run.method.name, run.epochs)][run.seed],
+              compute_s=0.002 * updates * batch / 2 * (1 + run.seed))
     curve = lb.curve_rows(args)
     assert [(r["method"], r["optimizer"], r["epochs"]) for r in curve] == [
         ("AT-PGD", "SGD", 3), ("DAT-PGD", "LAMB", 3), ("AT-PGD", "SGD", 12), ("DAT-PGD", "LAMB", 12)]
     assert curve[3]["robust_acc_mean"] == pytest.approx(0.72)
-    assert curve[3]["compute_s_per_image"] == pytest.approx(0.002)
+    assert curve[3]["compute_s_per_image"] == pytest.approx(0.003)
+    assert curve[3]["compute_s_per_image_min"] == pytest.approx(0.002)  # the model takes the unloaded run
     ttr = lb.time_to_robustness(curve, args)
     assert ttr["link_bits_per_s"] == 1e9
     assert [h["name"] for h in ttr["hardware"]] == ["this machine (1 core per rank)"]
@@ -274,3 +276,61 @@ def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(st
     # PowerSGD sent 1 % of fp32's bytes on the same link: the exchange shrinks to 1 %
     assert row["h200_speedup_compressed"] == {
         "PowerSGD rank 1": pytest.approx(at / (12 * (55000 // 1024) * (128 * 0.0002 + 0.01 * exchange)))}
+
+
+def write_eval(folder: Path, columns: dict, n: int, **summary):
+    """An evaluation folder as ``recipes/evaluate.py`` writes it: ``per_sample.csv`` (one 0/1 column
+    per attack) and ``eval_summary.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["index,label,clean," + ",".join(columns)]
+    lines += [f"{i},{i % 10},1," + ",".join(str(col[i]) for col in columns.values()) for i in range(n)]
+    (folder / "per_sample.csv").write_text("\n".join(lines) + "\n")
+    (folder / "eval_summary.json").write_text(json.dumps({"eval_samples": n, **summary}))
+
+
+def test_autoattack_from_another_machine_beside_pgd_on_the_same_images(study, tmp_path, monkeypatch):
+    """Part curve-aa reads a summary of its own command run on a GPU and copied into the run's
+    folder (nothing is launched), compares PGD-10 and AutoAttack on the same images, and the notes
+    compare AT-SGD and DAT-LAMB image by image, seed by seed."""
+    args = parse(["--curve-epochs", "12", "--curve-methods", "AT-SGD", "DAT-LAMB", "--curve-aa-limit", "100",
+                  "--curve-aa-seeds", "2"])
+    sweep_choices(args, AT_SGD=1.0, DAT_LAMB=1.0)
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(lb, "launch", lambda *a, **k: pytest.fail("evaluated again instead of reading the GPU's"))
+    runs = [r for r in lb.curve_runs(args) if r.epochs == 12]
+    assert {(r.label, r.seed) for r in runs} == {("AT-SGD", 0), ("AT-SGD", 1), ("DAT-LAMB", 0), ("DAT-LAMB", 1)}
+    for run in runs:
+        out = tmp_path / "runs" / run.key(args)
+        dat = run.label == "DAT-LAMB"
+        pgd = [1] * 80 + [0] * 20 + [1] * 50  # 80 % on the first 100 images; the 10,000 are longer
+        aa = [1] * (70 if dat else 78) + [0] * (30 if dat else 22)  # AutoAttack breaks some PGD survivors
+        write_eval(out / "eval_pgd", {"pgd10x1_linf_eps0.1": pgd}, 150)
+        write_eval(out / "eval_autoattack", {"pgd1x1_linf_eps0.1": pgd[:100], "autoattack_linf_eps0.1": aa}, 100,
+                   device="cuda: NVIDIA H200", run_dir=f"/elsewhere/{run.key(args)}",
+                   checkpoint=f"/elsewhere/{run.key(args)}/checkpoints/best/mp_rank_00_model_states.pt",
+                   autoattack={"version": "standard", "eps": args.eps, "robust_acc": sum(aa) / 100},
+                   batch_size=250)
+        store(run, args, 0.8, clean_acc=0.85, robust_acc=0.8, test_samples=150, output_dir=f"runs/{run.key(args)}",
+              compute_s=100.0)
+    lb.curve_autoattack(args, deadline=float("inf"))
+    rec = lb.load_record(runs[0].key(args))
+    assert rec["autoattack_device"] == "cuda: NVIDIA H200" and rec["autoattack_samples"] == 100
+    assert rec["autoattack_pgd_acc"] == 0.8 and len(rec["autoattack_per_sample"]) == 100
+    curve = lb.curve_rows(args)
+    dat = next(r for r in curve if r["optimizer"] == "LAMB")
+    assert dat["autoattack_acc"] == pytest.approx(0.70) and dat["autoattack_seeds"] == "0, 1"
+    notes = lb.autoattack_notes(12, next(r for r in curve if r["optimizer"] == "SGD"), dat)
+    assert notes[0].startswith("12 epochs under AutoAttack, seed 0, the first 100 test images: DAT-LAMB 70.0 % "
+                               "vs AT-SGD 78.0 % (-8.0 points; PGD-10 on the same images 80.0 % vs 80.0 %, +0.0)")
+    assert "8 images only AT survives, 0 only DAT-LAMB, exact McNemar p = 0.008" in notes[0]
+    assert notes[2] == ("12 epochs under AutoAttack, mean over 2 seed(s): -8.0 points; within 2 points under "
+                        "AutoAttack: no")
+    # a summary of another command (other images, a CPU, another run) is not taken for it
+    summary = tmp_path / "runs" / runs[0].key(args) / "eval_autoattack" / "eval_summary.json"
+    good = json.loads(summary.read_text())
+    for change in ({"eval_samples": 99}, {"device": "cpu"}, {"run_dir": "/elsewhere/another-run"},
+                   {"autoattack": {**good["autoattack"], "version": "plus"}}):
+        summary.write_text(json.dumps({**good, **change}))
+        assert lb.elsewhere(summary.parent, summary.parents[1], args) is None, change
+    summary.write_text(json.dumps(good))
+    assert lb.elsewhere(summary.parent, summary.parents[1], args)["device"] == "cuda: NVIDIA H200"

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from step_cost import _eval_mode, bare_pgd
+from step_cost import bare_pgd
 
 from dat_ds import attacks, compress, speed
 from dat_ds.guard import StepGuard
@@ -63,6 +63,12 @@ class Plan:
     budget_s: float = 480.0  # no section starts after this; the whole check stays under 10 minutes
     compile_backend: str = "inductor"  # the tuned loops' torch.compile backend
     sweep: Tuple[int, ...] = (128, 256, 512)  # micro-batches of the batch sweep (on models[0])
+    methods: Optional[Tuple[str, ...]] = None  # the methods of ``tuned`` and ``throughput`` (None: all)
+
+
+def plan_methods(plan: Plan) -> list:
+    """The (label, attack, kwargs) entries of :data:`METHODS` that ``plan`` times, in their order."""
+    return [m for m in METHODS if plan.methods is None or m[0] in plan.methods]
 
 
 def make_plan(device: torch.device, quick: bool) -> Plan:
@@ -206,6 +212,23 @@ def dat_ds_run(b: Bench, attack, compressor=None, label: str = "", guard: Option
     return lambda n: train_epoch(b.engine, [(b.x, b.y)] * n, attack, compressor, timers, guard=guard)
 
 
+def frozen_attack(model, x, y, attack) -> torch.Tensor:
+    """PGD on ``model`` as a tuned loop runs it: BatchNorm in eval mode and the weights frozen, so the
+    attack's backward computes the input's gradient alone. Eager autograd prunes the weights' gradients
+    of ``autograd.grad(loss, delta)`` by itself; a compiled model's backward graph does not (it was
+    traced with the weights requiring gradients), and computed them in every attack step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        return bare_pgd(model, x, y, attack.eps, attack.alpha, attack.steps)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train()
+
+
 def bare_run(b: Bench, attack) -> Callable[[int], None]:
     """``run(n)``: n minibatches of the same math in a plain PyTorch loop (attack, loss, backward, LAMB)."""
     model, opt, x, y = b.bare, b.bare_opt, b.x, b.y
@@ -217,13 +240,13 @@ def bare_run(b: Bench, attack) -> Callable[[int], None]:
         def perturb():  # weights of the previous update, attacked in sequence
             torch._foreach_copy_([t.data for t in (*stale.parameters(), *stale.buffers())],
                                  [t.data for t in (*model.parameters(), *model.buffers())])
-            return _eval_mode(stale, bare_pgd, x, y, attack.eps, attack.alpha, attack.steps)
+            return frozen_attack(stale, x, y, attack)
     elif isinstance(attack, attacks.NoAttack):
         def perturb():
             return x
     else:
         def perturb():
-            return _eval_mode(model, bare_pgd, x, y, attack.eps, attack.alpha, attack.steps)
+            return frozen_attack(model, x, y, attack)
 
     def run(n):
         for _ in range(n):

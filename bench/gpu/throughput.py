@@ -12,8 +12,8 @@ import torch
 from dat_ds import attacks
 
 from .conadv import conadv_overlap
-from .harness import (METHODS, Bench, Clock, ModelSpec, Plan, bare_run, build_bench, count_syncs, dat_ds_run,
-                      guarded, interleaved, peak_memory_gb, reset_peak_memory)
+from .harness import (Bench, Clock, ModelSpec, Plan, bare_run, build_bench, count_syncs, dat_ds_run, guarded,
+                      interleaved, peak_memory_gb, plan_methods, reset_peak_memory)
 
 
 def throughput_section(plan: Plan, device: torch.device, clock: Clock) -> dict:
@@ -28,7 +28,7 @@ def model_throughput(spec: ModelSpec, plan: Plan, device: torch.device, clock: C
     b = build_bench(spec, plan, device)
     out = {"model": spec.name, "img_size": spec.img_size, "batch": spec.batch, "dtype": plan.dtype or "float32",
            "params_m": sum(p.numel() for p in b.bare.parameters()) / 1e6, "methods": []}
-    for label, name, kw in METHODS:
+    for label, name, kw in plan_methods(plan):
         out["methods"].append(guarded(method_throughput, b, label, name, kw, plan, clock, method=label))
     natural = next((m for m in out["methods"] if m.get("method") == "natural" and "seconds" in m), None)
     for m in out["methods"]:

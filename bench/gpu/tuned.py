@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dat_ds import attacks
 
-from .harness import METHODS, Bench, Clock, Plan, bare_run, build_bench, dat_ds_run, guarded, interleaved
+from .harness import Bench, Clock, Plan, bare_run, build_bench, dat_ds_run, guarded, interleaved, plan_methods
 
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, by a name fragment of
 # torch.cuda.get_device_name(); the first fragment found in the name wins (H100 PCIe before H100)
@@ -47,8 +47,9 @@ def tuned_section(plan: Plan, device: torch.device, clock: Clock) -> dict:
     peak = bf16_peak_flops(device)
     out = {"model": spec.name, "img_size": spec.img_size, "batch": spec.batch, "dtype": plan.dtype or "float32",
            "compile_backend": plan.compile_backend, "peak_tflops": peak / 1e12 if peak else None,
-           "gpu_figure": device.type == "cuda", "methods": []}
-    for label, name, kw in METHODS:
+           "gpu_figure": device.type == "cuda", "methods": [],
+           "anchor_attack": "frozen weights"}  # the loops' attacks: harness.frozen_attack
+    for label, name, kw in plan_methods(plan):
         out["methods"].append(guarded(tuned_one, untuned, tuned, name, kw, plan, clock, peak, method=label))
     return out
 
