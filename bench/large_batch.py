@@ -495,11 +495,43 @@ def curve_autoattack(args, deadline: float) -> None:
         store(record)
         print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']} "
               f"(PGD-10 {_pct(record['autoattack_pgd_acc'])} on the same images)", flush=True)
-    for run in curve_runs(args):  # records from before the per-sample fields
+    for i, run in enumerate(order):  # PGD-50 x 5 restarts on the same images: a strong PGD beside AutoAttack
         record = load_record(run.key(args))
-        if record and record.get("autoattack_samples") and "autoattack_pgd_acc" not in record:
-            record.update(aa_samples(record))
-            store(record)
+        if not record or not record.get("autoattack_samples") or record.get("pgd50_samples") == args.curve_aa_limit:
+            continue
+        if time.time() > deadline:
+            print(f"--max-minutes reached: stopping before PGD-50 on {run.key(args)}", flush=True)
+            return
+        record.update(aa_samples(record))
+        record.update(strong_pgd(record, args, 29500 + (os.getpid() + i) % 400))
+        store(record)
+        print(f"  {run.key(args)}: PGD-50 x5 {_pct(record['pgd50_acc'])} on the same {record['pgd50_samples']} "
+              f"images", flush=True)
+
+
+def strong_pgd(record: dict, args, port: int) -> dict:
+    """PGD-10 and PGD-50 with 5 restarts on AutoAttack's images, by ``recipes/evaluate.py`` (a summary
+    of the same command already in ``eval_pgd50/`` is read instead): is AutoAttack's extra bite a
+    stronger optimizer's, or something PGD cannot find?"""
+    out = ROOT / record["output_dir"]
+    eval_dir, n = out / "eval_pgd50", args.curve_aa_limit
+    summary = eval_dir / "eval_summary.json"
+    s = json.loads(summary.read_text()) if summary.is_file() else {}
+    if not (s.get("eval_samples") == n and Path(s.get("run_dir", "")).name == out.name
+            and [(c["steps"], c["restarts"]) for c in s.get("pgd", [])] == [(10, 1), (50, 5)]):
+        best = out / "checkpoints" / "best"
+        log = _beside(out, ".eval_pgd50.log")
+        code, _ = launch(["recipes/evaluate.py", "--checkpoint", str(best if best.is_dir() else out), "--eval-limit",
+                          str(n), "--batch-size", "250", "--pgd-steps", "10", "50", "--restarts", "1", "5",
+                          "--eps-sweep", "--steps-sweep", "--no-autoattack", "--output-dir", str(eval_dir)],
+                         args, log, port)
+        if code != 0:
+            raise RuntimeError(f"{record['key']}: PGD-50 evaluation exit code {code}; see {log}")
+        s = json.loads(summary.read_text())
+    with open(eval_dir / "per_sample.csv") as f:
+        column = [r[next(c for c in r if c.startswith("pgd50x5"))] for r in csv.DictReader(f)]
+    return {"pgd50_acc": s["pgd"][1]["robust_acc"], "pgd50_samples": s["eval_samples"],
+            "pgd50_per_sample": "".join(column)}
 
 
 def aa_samples(record: dict) -> dict:
@@ -688,9 +720,12 @@ def curve_rows(args) -> List[dict]:
                     or None,
                     "autoattack_pgd_acc": statistics.fmean(r["autoattack_pgd_acc"] for r in aa)
                     if aa and all("autoattack_pgd_acc" in r for r in aa) else None,
+                    "autoattack_pgd50_acc": statistics.fmean(r["pgd50_acc"] for r in aa)
+                    if aa and all("pgd50_acc" in r for r in aa) else None,
                     "autoattack_by_seed": {str(r["run"]["seed"]): {
                         "acc": r["autoattack_acc"], "pgd_acc": r.get("autoattack_pgd_acc"),
-                        "per_sample": r.get("autoattack_per_sample")} for r in aa},
+                        "pgd50_acc": r.get("pgd50_acc"), "per_sample": r.get("autoattack_per_sample")}
+                        for r in aa},
                     "test_samples": recs[0]["test_samples"],
                     "compute_s_per_image": statistics.fmean(_per_image(r, args) for r in recs),
                     "compute_s_per_image_min": min(_per_image(r, args) for r in recs),
@@ -862,8 +897,10 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
                        f"vs AT-SGD {100 * at['robust_acc_mean']:.1f} % ({gap:+.1f} points, {lamb['updates']} updates "
                        f"against {at['updates']}); goal within 2 points "
                        + (("met" if gap >= -2 else "not met") if enough else "not judged (fewer than 600 updates)"))
-        if at and lamb:
-            out += autoattack_notes(e, at, lamb)
+        for opt in ("LAMB", "SGD"):  # each DAT row that AutoAttack evaluated, against AT-SGD
+            dat = pgd.get(("DAT-PGD", opt, e))
+            if at and dat:
+                out += autoattack_notes(e, at, dat, f"DAT-{opt}")
     for r in curve:
         if r["attack"] == "conadv":
             ref = pgd.get(("DAT-PGD", "LAMB", r["epochs"]))
@@ -891,28 +928,32 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
     return out
 
 
-def autoattack_notes(epochs: int, at: dict, lamb: dict) -> List[str]:
-    """AT-SGD and DAT-LAMB at ``epochs`` under AutoAttack, seed by seed where both have it (the same
-    images, PGD-10 on them beside it, an exact McNemar test image by image), then the seeds' mean."""
+def autoattack_notes(epochs: int, at: dict, dat: dict, name: str = "DAT-LAMB") -> List[str]:
+    """AT-SGD and a DAT row (``name``) at ``epochs`` under AutoAttack, seed by seed where both have it
+    (the same images, PGD-10 and PGD-50 x 5 on them beside it, an exact McNemar test image by
+    image), then the seeds' mean."""
     out, gaps = [], []
-    for seed in sorted(set(at.get("autoattack_by_seed", {})) & set(lamb.get("autoattack_by_seed", {})), key=int):
-        a, d = at["autoattack_by_seed"][seed], lamb["autoattack_by_seed"][seed]
+    for seed in sorted(set(at.get("autoattack_by_seed", {})) & set(dat.get("autoattack_by_seed", {})), key=int):
+        a, d = at["autoattack_by_seed"][seed], dat["autoattack_by_seed"][seed]
         if not (a.get("per_sample") and d.get("per_sample") and a.get("pgd_acc") is not None
                 and d.get("pgd_acc") is not None):
             continue
-        only_at, only_lamb, p = mcnemar(a["per_sample"], d["per_sample"])
+        only_at, only_dat, p = mcnemar(a["per_sample"], d["per_sample"])
         gaps.append(100 * (d["acc"] - a["acc"]))
         out.append(f"{epochs} epochs under AutoAttack, seed {seed}, the first {at['autoattack_samples']} test "
-                   f"images: DAT-LAMB {100 * d['acc']:.1f} % vs AT-SGD {100 * a['acc']:.1f} % ({gaps[-1]:+.1f} "
+                   f"images: {name} {100 * d['acc']:.1f} % vs AT-SGD {100 * a['acc']:.1f} % ({gaps[-1]:+.1f} "
                    f"points; PGD-10 on the same images {100 * d['pgd_acc']:.1f} % vs {100 * a['pgd_acc']:.1f} %, "
                    f"{100 * (d['pgd_acc'] - a['pgd_acc']):+.1f}); AutoAttack takes "
-                   f"{100 * (d['pgd_acc'] - d['acc']):.1f} points off DAT-LAMB's PGD-10 RA and "
+                   f"{100 * (d['pgd_acc'] - d['acc']):.1f} points off {name}'s PGD-10 RA and "
                    f"{100 * (a['pgd_acc'] - a['acc']):.1f} off AT's; {only_at} images only AT survives, "
-                   f"{only_lamb} only DAT-LAMB, exact McNemar p = {p:.1g}")
+                   f"{only_dat} only {name}, exact McNemar p = {p:.1g}"
+                   + (f"; PGD-50 x 5 restarts between them: {name} {100 * d['pgd50_acc']:.1f} % vs AT-SGD "
+                      f"{100 * a['pgd50_acc']:.1f} % ({100 * (d['pgd50_acc'] - a['pgd50_acc']):+.1f})"
+                      if d.get("pgd50_acc") is not None and a.get("pgd50_acc") is not None else ""))
     if gaps:
         mean = statistics.fmean(gaps)
-        out.append(f"{epochs} epochs under AutoAttack, mean over {len(gaps)} seed(s): {mean:+.1f} points; within 2 "
-                   f"points under AutoAttack: {'yes' if mean >= -2 else 'no'}")
+        out.append(f"{epochs} epochs under AutoAttack, {name}, mean over {len(gaps)} seed(s): {mean:+.1f} points; "
+                   f"within 2 points under AutoAttack: {'yes' if mean >= -2 else 'no'}")
     return out
 
 

@@ -86,7 +86,8 @@ CURVE_COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batc
                  ("epochs", "epochs"), ("updates", "updates"), ("seeds", "seeds"), ("peak_lr", "peak LR"),
                  ("clean_acc_mean", "TA %"), ("clean_acc_std", "TA std"), ("robust_acc_mean", "RA PGD-10 %"),
                  ("robust_acc_std", "RA std"), ("test_samples", "test n"), ("autoattack_acc", "AA %"),
-                 ("autoattack_pgd_acc", "PGD-10 % on AA's images"), ("autoattack_seeds", "AA seeds"),
+                 ("autoattack_pgd_acc", "PGD-10 % on AA's images"),
+                 ("autoattack_pgd50_acc", "PGD-50x5 % on AA's images"), ("autoattack_seeds", "AA seeds"),
                  ("autoattack_samples", "AA n"),
                  ("autoattack_device", "AA run on"), ("wall_s", "wall s / run")]
 TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"), ("method", "method"),
@@ -96,7 +97,8 @@ TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"
                ("h200_hours", "hours, H200s"), ("h200_speedup", "H200 speed-up vs AT on 1"),
                ("h200_exchange_share", "H200 exchange share")]
 PERCENT |= {"plain_val_robust_acc", "clean_acc", "robust_acc", "plain_robust_acc",
-            "clean_acc_std", "target_ra", "ra", "autoattack_acc", "autoattack_pgd_acc", "this_exchange_share",
+            "clean_acc_std", "target_ra", "ra", "autoattack_acc", "autoattack_pgd_acc", "autoattack_pgd50_acc",
+            "this_exchange_share",
             "h200_exchange_share"}
 
 
@@ -121,10 +123,15 @@ def plot_curve(data: dict, path: Path) -> bool:
         ys = [100 * r["robust_acc_mean"] for r in pts]
         err = [100 * (r["robust_acc_std"] or 0) for r in pts]
         axes[0].errorbar([r["epochs"] for r in pts], ys, yerr=err, **style)
+        aa = [r for r in pts if r.get("autoattack_acc") is not None]
+        if aa:  # AutoAttack on the first AA n images, hollow, below its PGD-10 point
+            axes[0].scatter([r["epochs"] for r in aa], [100 * r["autoattack_acc"] for r in aa], marker="v",
+                            facecolors="none", edgecolors=f"C{i}", zorder=3,
+                            label=f"{label}: AutoAttack ({aa[0]['autoattack_samples']} images)")
         if pts[0].get("modelled_hours", {}).get("this") is not None:
             axes[1].errorbar([60 * r["modelled_hours"]["this"] for r in pts], ys, yerr=err,
                              **{**style, "label": f"{label} on {pts[0]['modelled_ranks']} rank(s)"})
-    axes[0].set_xlabel("epochs (each row its own schedule)")
+    axes[0].set_xlabel("epochs (each row its own schedule); triangles: AutoAttack")
     axes[1].set_xlabel("modelled minutes to train (this machine's per-rank cost, 1 Gbit/s link)")
     for ax in axes:
         ax.set_ylabel("RA (PGD-10) %")

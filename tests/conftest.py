@@ -86,6 +86,28 @@ def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py
                           capture_output=True, text=True, timeout=timeout)
 
 
+def recipe_main(script="recipes/fashion_mnist_dat.py"):
+    """A recipe's ``main``, its module loaded from its file (recipes are scripts, not a package)."""
+    import importlib.util
+    path = ROOT / script
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def refused_in_process(args, monkeypatch, capsys, script="recipes/fashion_mnist_dat.py"):
+    """A command line the recipe refuses, run as its ``__main__`` runs it (``cli.run(main)``) in this
+    process, without a subprocess's seconds of imports: returns (exit code, the stderr lines that
+    name an error, the whole stderr). Bad input stops before any process group forms."""
+    from dat_ds import cli
+    monkeypatch.setattr(sys, "argv", [Path(script).name, *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(recipe_main(script))
+    err = capsys.readouterr().err
+    return exit_.value.code, [line for line in err.strip().splitlines() if "error" in line], err
+
+
 def run_deepspeed(script, args, num_ranks=2, timeout=900, env=None, port=None):
     """Launch ``script`` on ``num_ranks`` CPU ranks with the real deepspeed launcher (gloo)."""
     import subprocess

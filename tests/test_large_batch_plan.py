@@ -310,6 +310,11 @@ def test_autoattack_from_another_machine_beside_pgd_on_the_same_images(study, tm
                    checkpoint=f"/elsewhere/{run.key(args)}/checkpoints/best/mp_rank_00_model_states.pt",
                    autoattack={"version": "standard", "eps": args.eps, "robust_acc": sum(aa) / 100},
                    batch_size=250)
+        strong = [1] * (74 if dat else 79) + [0] * (26 if dat else 21)  # PGD-50 x 5 on the same images
+        write_eval(out / "eval_pgd50", {"pgd10x1_linf_eps0.1": pgd[:100], "pgd50x5_linf_eps0.1": strong}, 100,
+                   run_dir=f"/elsewhere/{run.key(args)}",
+                   pgd=[{"steps": 10, "restarts": 1, "robust_acc": 0.8},
+                        {"steps": 50, "restarts": 5, "robust_acc": sum(strong) / 100}])
         store(run, args, 0.8, clean_acc=0.85, robust_acc=0.8, test_samples=150, output_dir=f"runs/{run.key(args)}",
               compute_s=100.0)
     lb.curve_autoattack(args, deadline=float("inf"))
@@ -322,8 +327,10 @@ def test_autoattack_from_another_machine_beside_pgd_on_the_same_images(study, tm
     notes = lb.autoattack_notes(12, next(r for r in curve if r["optimizer"] == "SGD"), dat)
     assert notes[0].startswith("12 epochs under AutoAttack, seed 0, the first 100 test images: DAT-LAMB 70.0 % "
                                "vs AT-SGD 78.0 % (-8.0 points; PGD-10 on the same images 80.0 % vs 80.0 %, +0.0)")
-    assert "8 images only AT survives, 0 only DAT-LAMB, exact McNemar p = 0.008" in notes[0]
-    assert notes[2] == ("12 epochs under AutoAttack, mean over 2 seed(s): -8.0 points; within 2 points under "
+    assert notes[0].endswith("8 images only AT survives, 0 only DAT-LAMB, exact McNemar p = 0.008; PGD-50 x 5 "
+                             "restarts between them: DAT-LAMB 74.0 % vs AT-SGD 79.0 % (-5.0)")
+    assert rec["pgd50_acc"] == 0.79 and len(rec["pgd50_per_sample"]) == 100 and dat["autoattack_pgd50_acc"] == 0.74
+    assert notes[2] == ("12 epochs under AutoAttack, DAT-LAMB, mean over 2 seed(s): -8.0 points; within 2 points under "
                         "AutoAttack: no")
     # a summary of another command (other images, a CPU, another run) is not taken for it
     summary = tmp_path / "runs" / runs[0].key(args) / "eval_autoattack" / "eval_summary.json"

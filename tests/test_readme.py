@@ -51,9 +51,9 @@ PGD_TINY = {"--steps": ["1"]}
 # Placeholders of the README's commands -> what the test makes for them (MAKE_FILES).
 PLACEHOLDERS = {"DATA": "data/imagenet", "DIR": "data/pool/train", "runs/std": "runs/rst/teacher"}
 MAKE = {"demo": "run", "test": "print"}
-FAST = {"recipes-1", "smooth-at-and-certification-2", "adding-an-attack-1", "adding-an-attack-2",
-        "adding-a-compressor-1", "adding-a-compressor-2", "adding-a-dataset-1", "adding-a-backbone-source-1",
-        "library-use-1"}
+# adding-an-attack-2 is slow: adding-a-compressor-2 trains with the same plugin attack (and its compressor)
+FAST = {"recipes-1", "smooth-at-and-certification-2", "adding-an-attack-1", "adding-a-compressor-1",
+        "adding-a-compressor-2", "adding-a-dataset-1", "adding-a-backbone-source-1", "library-use-1"}
 WORKSPACE = {"export-1": "export"}  # its runs/fmnist has timm's own stem; the fine-tuning block's has not
 NEEDS = {"evaluation-1": "quick-start-1"}  # evaluates runs/demo
 # Commands before a block: the run and export the README's Export section describes in its text.

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_recipe
+from conftest import ROOT, refused_in_process, run_recipe
 from dat_ds.metrics import read_jsonl
 
 QUICK = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "256", "--eval-limit", "128",
@@ -54,20 +54,20 @@ BAD_INPUTS = [
 ]
 
 
-# Kinds the fast suite already has (a bad number, a missing file, a value below its minimum): slow.
-SLOW_BAD = {("--eps", "abc"), ("--steps", "0"), ("--deepspeed_config", "/nonexistent.json"), ("--train-limit", "0")}
-
-
-@pytest.mark.parametrize("args, message", [
-    pytest.param(a, m, id=" ".join(map(str, a)), marks=[pytest.mark.slow] if tuple(map(str, a)) in SLOW_BAD else [])
-    for a, m in BAD_INPUTS])
-def test_bad_input_exits_with_one_line(tmp_path, args, message):
-    r = run_recipe(["--output-dir", tmp_path / "out", *args], timeout=120)
-    assert r.returncode == 2
-    lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
-    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("args, message", [pytest.param(a, m, id=" ".join(map(str, a))) for a, m in BAD_INPUTS])
+def test_bad_input_exits_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    code, lines, err = refused_in_process(["--output-dir", tmp_path / "out", *args], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_input_from_the_shell_exits_2_with_one_line(tmp_path):
+    """The same refusal as a user meets it: the script in its own interpreter, exit status 2."""
+    r = run_recipe(["--output-dir", tmp_path / "out", "--backbone", "resnet19"], timeout=120)
+    lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
+    assert r.returncode == 2 and len(lines) == 1 and "unknown backbone 'resnet19'" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "checkpoints").exists()
 
 
 def final_weights(out):

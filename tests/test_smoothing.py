@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import beta, binom, norm
 
-from conftest import ROOT, run_deepspeed, run_recipe
+from conftest import ROOT, refused_in_process, run_deepspeed, run_recipe
 from dat_ds import attacks, objectives, smoothing
 from dat_ds.smoothing import ABSTAIN
 
@@ -339,11 +339,11 @@ def test_smooth_at_then_certify_single_process(smooth_run, tmp_path):
     assert (out / "certify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_certify_bad_input_exits_with_one_line(tmp_path):
-    r = run_recipe(["--checkpoint", tmp_path / "missing"], script="recipes/certify.py", timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error" in line]
-    assert errors == [f"certify.py: error: --checkpoint {tmp_path / 'missing'} does not exist"], r.stderr[-2000:]
+def test_certify_bad_input_exits_with_one_line(tmp_path, monkeypatch, capsys):
+    code, errors, err = refused_in_process(["--checkpoint", tmp_path / "missing"], monkeypatch, capsys,
+                                           script="recipes/certify.py")
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"certify.py: error: --checkpoint {tmp_path / 'missing'} does not exist"], err[-2000:]
 
 
 def test_certify_checks_its_settings_before_any_work(smooth_run, tmp_path, monkeypatch):

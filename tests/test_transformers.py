@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, run_deepspeed, run_recipe
+from conftest import ROOT, refused_in_process, run_deepspeed, run_recipe
 from dat_ds import attacks, compress
 from dat_ds.checkpoint_io import find_checkpoint, load_model
 from dat_ds.models import check_backbone, create_model, split_backbone
@@ -275,12 +275,11 @@ def test_resume_and_trades_with_qsgd_on_convnext(folders, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
 
 
-def test_bad_transformers_backbone_exits_with_one_line(tmp_path):
-    r = run_recipe(["--backbone", f"transformers:{tmp_path / 'gone'}", *TINY, "--output-dir", tmp_path / "out"],
-                   timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
-    assert len(lines) == 1 and "no such folder" in lines[0], r.stderr[-2000:]
+def test_bad_transformers_backbone_exits_with_one_line(tmp_path, monkeypatch, capsys):
+    code, lines, err = refused_in_process(["--backbone", f"transformers:{tmp_path / 'gone'}", *TINY, "--output-dir",
+                                           tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert len(lines) == 1 and "no such folder" in lines[0], err[-2000:]
 
 
 @pytest.mark.slow

@@ -5,18 +5,16 @@ imported once); the checkpoint cases run as real subprocesses, so their exit cod
 a shell sees.
 """
 import gzip
-import importlib.util
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_recipe
+from conftest import ROOT, refused_in_process, run_recipe
 from dat_ds.engine import COMPLETE
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -135,20 +133,10 @@ CASES = [  # (id, args or a function of the tmp folder, exit code, message)
 ]
 
 
-def _recipe_main():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_dat", ROOT / "recipes" / "fashion_mnist_dat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def run_in_process(argv, monkeypatch, capsys):
     """The recipe's ``cli.run(main)`` in this process: returns (exit code, stderr)."""
-    from dat_ds import cli
-    monkeypatch.setattr(sys, "argv", ["fashion_mnist_dat.py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.run(_recipe_main())
-    return exit_.value.code, capsys.readouterr().err
+    code, _, err = refused_in_process(argv, monkeypatch, capsys)
+    return code, err
 
 
 def resolve(args, tmp_path):
