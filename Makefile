@@ -61,9 +61,12 @@ bench: setup data
 	$(PY) bench/large_batch.py --at-lamb --part curve conadv curve-aa table --max-minutes 240
 	$(PY) bench/report.py
 
-# on a CUDA machine (< 8 min on one GPU): GPU step costs, syncs, codecs, nccl, fused LAMB -> bench/results/gpu.json
+# on a CUDA machine, in two calls of about 5 to 8 min each on one GPU (each call's --budget-s gates
+# its own sections; the second keeps the first's with --merge): step costs against a bare loop, the
+# guard, codecs, nccl, fused LAMB, then the compiled anchor and the batch sweep -> bench/results/gpu.json
 gpu-check: setup
-	$(PY) bench/gpu_check.py
+	$(PY) bench/gpu_check.py --sections throughput guard codec powersgd nccl lamb memory
+	$(PY) bench/gpu_check.py --merge --sections tuned sweep memory
 	$(PY) bench/report.py
 
 clean:
