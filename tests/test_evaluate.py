@@ -42,15 +42,21 @@ def robust_run(tmp_path_factory):
     return out
 
 
+SUITE = ["--eval-limit", "16", "--batch-size", "16", "--pgd-steps", "10", "50", "--restarts", "1", "5",
+         "--eps-sweep", "0", "0.05", "0.1", "0.15", "0.2", "0.3", "--steps-sweep", "1", "3", "10"]
+AUTOATTACK = {"eps": 0.1, "version": "standard", "norm": "linf", "num_classes": 10,
+              "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "target_classes": 9}
+
+
 @pytest.fixture(scope="module")
 def suite(robust_run):
-    """The full suite on 16 test images, output to the default <run>/eval, logged to offline W&B."""
-    r = run_recipe(["--checkpoint", robust_run, "--eval-limit", "16", "--batch-size", "16",
-                    "--pgd-steps", "10", "50", "--restarts", "1", "5", "--eps-sweep", "0", "0.05", "0.1", "0.15",
-                    "0.2", "0.3", "--steps-sweep", "1", "3", "10", "--wandb"],
-                   env={"WANDB_MODE": "offline"}, script=EVAL)
+    """The suite on 16 test images, output to the default <run>/eval, logged to offline W&B; without
+    AutoAttack, whose every attack runs its full budget on a robust model (about 35 s on 2 cores):
+    test_autoattack_in_the_suite (slow) runs it here, and test_transformers's evaluation runs it
+    through this recipe in the fast suite."""
+    r = run_recipe(["--checkpoint", robust_run, *SUITE, "--no-autoattack", "--wandb"], env={"WANDB_MODE": "offline"},
+                   script=EVAL)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "AutoAttack standard" in r.stdout
     out = robust_run / "eval"
     return json.loads((out / "eval_summary.json").read_text()), out
 
@@ -60,10 +66,20 @@ def test_stronger_attacks_find_more_adversarial_examples(suite):
     pgd10, pgd50 = s["pgd"]
     assert (pgd10["steps"], pgd10["restarts"], pgd50["steps"], pgd50["restarts"]) == (10, 1, 50, 5)
     assert pgd50["robust_acc"] <= pgd10["robust_acc"] <= s["clean_acc"]
-    assert s["autoattack"]["robust_acc"] <= pgd50["robust_acc"]
-    assert s["worst_case_acc"] <= s["autoattack"]["robust_acc"]
-    assert 0 < s["autoattack"]["robust_acc"], "the PGD-trained model keeps some robustness"
+    assert s["worst_case_acc"] <= pgd50["robust_acc"] and s["autoattack"] is None
+    assert 0 < pgd50["robust_acc"], "the PGD-trained model keeps some robustness"
     assert pgd10["robust_acc"] < s["clean_acc"] - 0.05, "PGD-10 finds adversarial examples"
+
+
+@pytest.mark.slow  # test_transformers's test_evaluate_runs_pgd_and_autoattack_on_it: AutoAttack <= PGD, fast
+def test_autoattack_in_the_suite(robust_run, tmp_path):
+    r = run_recipe(["--checkpoint", robust_run, *SUITE, "--output-dir", tmp_path], script=EVAL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "AutoAttack standard" in r.stdout
+    s = json.loads((tmp_path / "eval_summary.json").read_text())
+    assert s["autoattack"] == {**AUTOATTACK, "robust_acc": pytest.approx(s["autoattack"]["robust_acc"])}
+    assert 0 < s["autoattack"]["robust_acc"] <= s["pgd"][1]["robust_acc"], "AA <= PGD-50, some robustness kept"
+    assert s["worst_case_acc"] <= s["autoattack"]["robust_acc"]
 
 
 def test_robust_accuracy_falls_as_eps_grows(suite):
@@ -85,9 +101,6 @@ def test_outputs_have_the_documented_keys(suite):
     assert s["model"]["backbone"] == "test_resnet" and s["eps"] == 0.1 and s["norm"] == "linf"
     assert s["eval_samples"] == 16 and s["world_size"] == 1 and s["device"] == "cpu"
     assert all(set(r) == PGD_KEYS for r in s["pgd"] + s["eps_sweep"] + s["steps_sweep"])
-    assert s["autoattack"] == {"eps": 0.1, "version": "standard", "norm": "linf", "num_classes": 10,
-                               "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "target_classes": 9,
-                               "robust_acc": pytest.approx(s["autoattack"]["robust_acc"])}
     with open(out / "per_sample.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 16 and [int(r["index"]) for r in rows] == list(range(16))
