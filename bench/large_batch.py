@@ -491,10 +491,8 @@ def curve_autoattack(args, deadline: float) -> None:
             return
         print(f"autoattack {run.key(args)} ...", flush=True)
         record.update(evaluate(record, args, 29500 + (os.getpid() + i) % 400, autoattack_only=True))
-        record.update(aa_samples(record))
         store(record)
-        print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']} "
-              f"(PGD-10 {_pct(record['autoattack_pgd_acc'])} on the same images)", flush=True)
+        print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']}", flush=True)
     for i, run in enumerate(order):  # PGD-50 x 5 restarts on the same images: a strong PGD beside AutoAttack
         record = load_record(run.key(args))
         if not record or not record.get("autoattack_samples") or record.get("pgd50_samples") == args.curve_aa_limit:
@@ -505,8 +503,8 @@ def curve_autoattack(args, deadline: float) -> None:
         record.update(aa_samples(record))
         record.update(strong_pgd(record, args, 29500 + (os.getpid() + i) % 400))
         store(record)
-        print(f"  {run.key(args)}: PGD-50 x5 {_pct(record['pgd50_acc'])} on the same {record['pgd50_samples']} "
-              f"images", flush=True)
+        print(f"  {run.key(args)}: PGD-10 {_pct(record['autoattack_pgd_acc'])}, PGD-50 x5 {_pct(record['pgd50_acc'])} "
+              f"on AutoAttack's {record['pgd50_samples']} images", flush=True)
 
 
 def strong_pgd(record: dict, args, port: int) -> dict:
