@@ -86,14 +86,15 @@ def run_recipe(args, env=None, timeout=600, script="recipes/fashion_mnist_dat.py
                           capture_output=True, text=True, timeout=timeout)
 
 
-def recipe_main(script="recipes/fashion_mnist_dat.py"):
-    """A recipe's ``main``, its module loaded from its file (recipes are scripts, not a package)."""
+def recipe_module(script="recipes/fashion_mnist_dat.py"):
+    """A recipe's module, loaded from its file (recipes are scripts, not a package); ``script`` is a
+    path, absolute or from the repository's root."""
     import importlib.util
     path = ROOT / script
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
 
 
 def refused_in_process(args, monkeypatch, capsys, script="recipes/fashion_mnist_dat.py"):
@@ -103,7 +104,7 @@ def refused_in_process(args, monkeypatch, capsys, script="recipes/fashion_mnist_
     from dat_ds import cli
     monkeypatch.setattr(sys, "argv", [Path(script).name, *map(str, args)])
     with pytest.raises(SystemExit) as exit_:
-        cli.run(recipe_main(script))
+        cli.run(recipe_module(script).main)
     err = capsys.readouterr().err
     return exit_.value.code, [line for line in err.strip().splitlines() if "error" in line], err
 

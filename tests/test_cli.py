@@ -2,24 +2,16 @@
 a refused command line is a short usage line and one error naming the closest flag, and under the
 launcher an error is printed once per job, not once per rank."""
 import argparse
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_deepspeed
+from conftest import ROOT, recipe_module, run_deepspeed
 
 RECIPES = sorted((ROOT / "recipes").glob("*.py"))
 LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # the deepspeed launcher's own log lines
-
-
-def recipe(path):
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flags(parser):
@@ -37,7 +29,7 @@ def _described(choice, text) -> bool:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_flag_says_what_it_does_and_its_default(path):
-    parser = recipe(path).parser()
+    parser = recipe_module(path).parser()
     for action, text in flags(parser):
         flag = "/".join(action.option_strings)
         assert len(text.split()) >= 3, f"{path.name} {flag}: no help text"
@@ -52,7 +44,7 @@ def test_every_flag_says_what_it_does_and_its_default(path):
 
 def test_training_flags_read_as_what_they_do():
     from dat_ds import attacks, compress, objectives
-    parser = recipe(ROOT / "recipes" / "fashion_mnist_dat.py").parser()
+    parser = recipe_module(ROOT / "recipes" / "fashion_mnist_dat.py").parser()
     texts = {a.dest: t for a, t in flags(parser)}
     assert parser.parse_args([]).early_stop is True and parser.parse_args(["--no-early-stop"]).early_stop is False
     assert parser.parse_args(["--early-stop"]).early_stop is True
@@ -69,7 +61,7 @@ def run_in_process(script, argv, monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        cli.run(recipe(ROOT / "recipes" / script).main)
+        cli.run(recipe_module(ROOT / "recipes" / script).main)
     return exit_.value.code, capsys.readouterr().err.strip().splitlines()
 
 

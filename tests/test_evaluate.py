@@ -1,14 +1,13 @@
 """The robustness suite (recipes/evaluate.py) on a real PGD-trained checkpoint: attack strength
 ordering, eps sweeps, AutoAttack, 1 rank == 2 ranks, outputs, and one-line errors."""
 import csv
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_deepspeed, run_recipe
+from conftest import ROOT, recipe_module, run_deepspeed, run_recipe
 from dat_ds import cli
 from dat_ds.checkpoint_io import MODEL_FILE, find_checkpoint, load_model, run_dir
 from dat_ds.evaluate import AutoAttackSpec, BlockSampler, PGDSpec, sample_table
@@ -155,10 +154,7 @@ def test_l2_threat_model(robust_run, fmnist):
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", EVAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module(EVAL)
 
 
 def _one_line_error(recipe, argv, capsys) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, recipe_module
 from dat_ds.dist import free_port
 from dat_ds.launch.slurm import SlurmJob, command, expand_nodelist, first_host, main
 from dat_ds.metrics import read_jsonl
@@ -170,10 +170,7 @@ RECIPE_ARGS = {"fashion_mnist_dat.py": [], "cifar_dat.py": [], "imagenet_dat.py"
 @pytest.mark.parametrize("script", sorted(RECIPE_ARGS))
 def test_every_recipe_takes_the_local_rank_flag_of_older_launchers(script):
     """The deepspeed launcher passes --local_rank=N, torch.distributed.launch --local-rank=N."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"recipe_{script[:-3]}", ROOT / "recipes" / script)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = recipe_module(f"recipes/{script}")
     for flag in ("--local_rank=1", "--local-rank=1"):
         assert recipe.parser().parse_args([*RECIPE_ARGS[script], flag]).local_rank == 1
 

@@ -1,12 +1,11 @@
 """A new attack and a new compressor, each a class in one new module registered through the public
 registries, train from a recipe's command line with no other file touched; flags a chosen
 component does not take are refused with one line."""
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_recipe
+from conftest import ROOT, refused_in_process, run_recipe
 
 PLUGIN = '''
 """A user's module: one attack and one compressor, registered through the public registries."""
@@ -89,16 +88,8 @@ def test_a_plugin_attack_and_compressor_train_from_the_recipe_cli(tmp_path, plug
 
 
 def _in_process(argv, monkeypatch, capsys):
-    import importlib.util
-
-    from dat_ds import cli
-    spec = importlib.util.spec_from_file_location("fashion_mnist_dat", ROOT / "recipes" / "fashion_mnist_dat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", ["fashion_mnist_dat.py", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.run(module.main)
-    return exit_.value.code, [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    code, lines, _ = refused_in_process(argv, monkeypatch, capsys)
+    return code, lines
 
 
 @pytest.mark.parametrize("args, flag, component", [

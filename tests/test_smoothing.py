@@ -1,6 +1,5 @@
 """Randomized smoothing: certification against closed forms (Cohen et al. 2019), the Smooth-AT
 attack and objective, rank-independent Monte Carlo counts, and the two recipes."""
-import importlib.util
 import json
 import math
 
@@ -11,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import beta, binom, norm
 
-from conftest import ROOT, refused_in_process, run_deepspeed, run_recipe
+from conftest import ROOT, recipe_module, refused_in_process, run_deepspeed, run_recipe
 from dat_ds import attacks, objectives, smoothing
 from dat_ds.smoothing import ABSTAIN
 
@@ -294,10 +293,7 @@ QUICK = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "256"
 
 
 def load_certify_module():
-    spec = importlib.util.spec_from_file_location("certify_recipe", ROOT / "recipes" / "certify.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module("recipes/certify.py")
 
 
 @pytest.fixture(scope="module")
