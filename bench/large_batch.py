@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -526,10 +527,8 @@ def strong_pgd(record: dict, args, port: int) -> dict:
         if code != 0:
             raise RuntimeError(f"{record['key']}: PGD-50 evaluation exit code {code}; see {log}")
         s = json.loads(summary.read_text())
-    with open(eval_dir / "per_sample.csv") as f:
-        column = [r[next(c for c in r if c.startswith("pgd50x5"))] for r in csv.DictReader(f)]
     return {"pgd50_acc": s["pgd"][1]["robust_acc"], "pgd50_samples": s["eval_samples"],
-            "pgd50_per_sample": "".join(column)}
+            "pgd50_per_sample": per_sample(eval_dir, "pgd50x5")[1]}
 
 
 def aa_samples(record: dict) -> dict:
@@ -538,16 +537,20 @@ def aa_samples(record: dict) -> dict:
     two attacks compared on the same images, and two models compared image by image."""
     out = ROOT / record["output_dir"]
     n = record["autoattack_samples"]
-    with open(out / "eval_pgd" / "per_sample.csv") as f:
-        pgd = [r for _, r in zip(range(n), csv.DictReader(f))]
-    with open(out / "eval_autoattack" / "per_sample.csv") as f:
-        aa = list(csv.DictReader(f))
-    if [r["index"] for r in pgd] != [r["index"] for r in aa]:
+    pgd_images, pgd = per_sample(out / "eval_pgd", "pgd10", n)
+    aa_images, aa = per_sample(out / "eval_autoattack", "autoattack")
+    if pgd_images != aa_images:
         raise RuntimeError(f"{record['key']}: the PGD and AutoAttack evaluations read different images")
-    pgd_col = next(c for c in pgd[0] if c.startswith("pgd10"))
-    aa_col = next(c for c in aa[0] if c.startswith("autoattack"))
-    return {"autoattack_pgd_acc": sum(int(r[pgd_col]) for r in pgd) / n,
-            "autoattack_per_sample": "".join(r[aa_col] for r in aa)}
+    return {"autoattack_pgd_acc": pgd.count("1") / n, "autoattack_per_sample": aa}
+
+
+def per_sample(folder: Path, prefix: str, n: Optional[int] = None) -> Tuple[List[str], str]:
+    """The image indices and the 0/1 outcomes (a string) of the first column named ``prefix...`` in
+    ``folder/per_sample.csv``, as ``recipes/evaluate.py`` writes it; its first ``n`` rows, or all."""
+    with open(folder / "per_sample.csv") as f:
+        rows = list(itertools.islice(csv.DictReader(f), n))
+    column = next(c for c in rows[0] if c.startswith(prefix))
+    return [r["index"] for r in rows], "".join(r[column] for r in rows)
 
 
 def mcnemar(a: str, b: str) -> Tuple[int, int, float]:
