@@ -6,13 +6,17 @@
 ``--checkpoint`` takes a training run's ``--output-dir`` (its newest checkpoint), its
 ``checkpoints/`` folder, a tag folder such as ``checkpoints/best``, or a
 ``mp_rank_00_model_states.pt`` file. The model, dataset, normalization and eps come from the
-checkpoint. Outputs go to ``<run>/eval``: ``eval_summary.json``, ``per_sample.csv``,
+checkpoint. ``--split holdout`` evaluates the training images the run held out (its ``--holdout``)
+instead of the test set: choose between runs under a strong attack there, and read the test set
+once, for the one chosen. Outputs go to ``<run>/eval``: ``eval_summary.json``, ``per_sample.csv``,
 ``ra_vs_eps.png`` and ``ra_vs_steps.png``.
 """
 import argparse
 import functools
+import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,8 +52,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="folder holding the dataset files (default: the dataset's own place; CIFAR and imagefolder "
                         "need it)")
+    g.add_argument("--split", default="test", choices=("test", "holdout"),
+                   help="test: the dataset's test set; holdout: the training images the run held out (its --holdout), "
+                        "for choosing between runs without reading the test set")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N",
-                   help="use only the first N test samples (default: all)")
+                   help="use only the first N samples of --split (default: all)")
     g.add_argument("--classes", default=None, metavar="IDS",
                    help="class subset, e.g. 0-4 (default: the checkpoint's --classes when --dataset is its dataset)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -127,6 +134,27 @@ def device_name(device: torch.device) -> str:
     return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
 
+def holdout_split(meta: dict, run: Path) -> dict:
+    """How the run held out training images: ``{"samples": n, "train_limit": ...}``, from the
+    checkpoint, else from the run folder's ``config.json`` where it gave ``--holdout`` itself;
+    ValueError where it held out none or cannot say which."""
+    if meta.get("placement"):
+        raise ValueError("--split holdout: this run held out images from each machine's own folder "
+                         "(--data-placement local); they are not in one dataset to evaluate here")
+    held = meta.get("holdout")
+    config = run / "config.json"
+    if held is None and config.is_file():
+        recorded = json.loads(config.read_text())
+        if recorded.get("holdout") is not None:
+            held = {"samples": recorded["holdout"], "train_limit": recorded.get("train_limit")}
+    if held is None:
+        raise ValueError("--split holdout: the checkpoint does not record its held-out split, nor does its run "
+                         "folder's config.json; evaluate the test set")
+    if not held["samples"]:
+        raise ValueError("--split holdout: the run held out no training images (--holdout 0)")
+    return held
+
+
 def check_data(data, meta: dict) -> None:
     want = (meta["num_classes"], meta["in_chans"], meta["img_size"])
     got = (data.num_classes, data.in_chans, data.img_size)
@@ -177,7 +205,7 @@ def log_wandb(out: Path, summary: dict, project: str) -> None:
 
 
 def print_report(summary: dict, out: Path) -> None:
-    rows = [("checkpoint", summary["checkpoint"]), ("test samples", f"{summary['eval_samples']} on "
+    rows = [("checkpoint", summary["checkpoint"]), (f"{summary['split']} samples", f"{summary['eval_samples']} on "
              f"{summary['world_size']} rank(s), {summary['eval_s']:.1f} s"), ("clean", summary["clean_acc"])]
     rows += [(f"PGD-{r['steps']} x{r['restarts']}  {r['norm']} eps {r['eps']:.4g}", r["robust_acc"])
              for r in summary["pgd"]]
@@ -199,9 +227,16 @@ def main(argv=None) -> dict:
     run_defaults(args, meta)
     specs = make_specs(args, meta)
     same = args.dataset in (None, meta["dataset"])
-    data = load_dataset(args.dataset or meta["dataset"], args.data_dir, eval_limit=args.eval_limit,
-                        img_size=meta["img_size"], classes=args.classes or (meta.get("classes") if same else None),
+    if args.split == "holdout" and not same:
+        raise ValueError(f"--split holdout: the held-out images are the run's own dataset's ({meta['dataset']}), "
+                         f"not {args.dataset}'s")
+    held = holdout_split(meta, run_dir(model_file)) if args.split == "holdout" else None
+    data = load_dataset(args.dataset or meta["dataset"], args.data_dir, train_limit=held and held["train_limit"],
+                        eval_limit=None if held else args.eval_limit, img_size=meta["img_size"],
+                        classes=args.classes or (meta.get("classes") if same else None),
                         **(meta.get("dataset_settings", {}) if same else {}))
+    if held:  # the run's held-out training images, the ones its per-epoch check read, as the set evaluated
+        data = replace(data, test=data.train.split_off(held["samples"])[1].subset(args.eval_limit))
     data = as_trained(data, meta) if same else data  # a fine-tuning run's --upsample, as it trained
     check_data(data, meta)
     if "RANK" in os.environ:  # under a launcher; one process needs no process group
@@ -212,8 +247,8 @@ def main(argv=None) -> dict:
                          args.num_workers, progress=EvalProgress(args.progress_every))
     out = Path(args.output_dir) if args.output_dir else run_dir(model_file) / "eval"
     settings = {"checkpoint": str(model_file), "run_dir": str(run_dir(model_file)), "model": meta,
-                "dataset": data.name, "classes": data.classes and list(data.classes), "norm": specs["norm"],
-                "weights": meta.get("weights", "raw"),
+                "dataset": data.name, "split": args.split, "classes": data.classes and list(data.classes),
+                "norm": specs["norm"], "weights": meta.get("weights", "raw"),
                 "eps": specs["eps"], "seed": args.seed,
                 "batch_size": args.batch_size, "world_size": dist.world_size(), "device": device_name(device),
                 "eval_s": time.perf_counter() - t0}

@@ -178,6 +178,9 @@ BAD_ARGS = [
     (["--pgd-steps", "10", "50", "--restarts", "1", "2", "3"], "--restarts takes one value or one per"),
     (["--backbone", "test_efficientnet"], "does not fit backbone 'test_efficientnet'"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
+    (["--split", "holdout"], "--split holdout: the run held out no training images (--holdout 0)"),
+    (["--split", "holdout", "--dataset", "mnist"], "the held-out images are the run's own dataset's (fashion_mnist)"),
+    (["--split", "val"], "argument --split: invalid choice: 'val'"),
 ]
 
 
@@ -214,3 +217,16 @@ def test_a_corrupt_checkpoint_fails_cleanly_from_the_command_line(robust_run, tm
     assert len(lines) == 1 and "is not a checkpoint" in lines[0] and MODEL_FILE in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_holdout_split_of_older_checkpoints_comes_from_the_run_config(recipe, tmp_path):
+    """A checkpoint saved before checkpoints recorded their held-out split: the run folder's
+    config.json says it where the run gave --holdout; otherwise a clear refusal."""
+    with pytest.raises(ValueError, match="does not record its held-out split"):
+        recipe.holdout_split({}, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"holdout": 500, "train_limit": None}))
+    assert recipe.holdout_split({}, tmp_path) == {"samples": 500, "train_limit": None}
+    recorded = {"holdout": {"samples": 64, "train_limit": 384}}
+    assert recipe.holdout_split(recorded, tmp_path) == recorded["holdout"]  # the checkpoint's own record first
+    with pytest.raises(ValueError, match="--data-placement local"):
+        recipe.holdout_split({"placement": {"groups": [[0]]}, **recorded}, tmp_path)

@@ -20,10 +20,11 @@ TINY = ["--backbone", "test_resnet", "--stem", "native", "--eval-limit", "96", "
         "--eval-batch-size", "40", "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 
 
-def suite(checkpoint, out, limit=96):
+def suite(checkpoint, out, limit=96, *extra):
     """``recipes/evaluate.py`` with the run's check as its only column (seed and batch: the run's)."""
     return evaluate_recipe.main(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--pgd-steps", "2",
-                                 "--no-autoattack", "--eps-sweep", "--steps-sweep", "--eval-limit", str(limit)])
+                                 "--no-autoattack", "--eps-sweep", "--steps-sweep", "--eval-limit", str(limit),
+                                 *extra])
 
 
 def rows(out):
@@ -38,9 +39,14 @@ def test_one_rank_every_epoch_and_the_best_epoch_are_their_checkpoints(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for row in rows(out):
-        ev = suite(out / "checkpoints" / f"epoch{row['epoch']:04d}", tmp_path / f"eval{row['epoch']}")
+        tag = out / "checkpoints" / f"epoch{row['epoch']:04d}"
+        ev = suite(tag, tmp_path / f"eval{row['epoch']}")
         assert (row["clean_acc"], row["robust_acc"], row["eval_samples"]) == (
             ev["clean_acc"], ev["pgd"][0]["robust_acc"], ev["eval_samples"])
+        # the held-out check is evaluate.py on the same 64 training images (--eval-limit past them: all 64)
+        held = suite(tag, tmp_path / f"held{row['epoch']}", 1000, "--split", "holdout")
+        assert held["split"] == "holdout" and held["eval_samples"] == 64
+        assert (row["holdout_clean_acc"], row["holdout_pgd_acc"]) == (held["clean_acc"], held["pgd"][0]["robust_acc"])
     ev = suite(summary["checkpoint"], tmp_path / "eval_summary")
     assert (summary["clean_acc"], summary["robust_acc"]) == (ev["clean_acc"], ev["pgd"][0]["robust_acc"])
     assert Path(summary["checkpoint"]).name in ("best", "epoch0001")

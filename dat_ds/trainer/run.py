@@ -146,7 +146,9 @@ def setup(cfg: TrainConfig, data: Optional[DatasetInfo], loader_fn, model_fn) ->
     out = Path(cfg.output_dir)
     meta = {"backbone": cfg.backbone, "stem": cfg.stem, "attack": cfg.attack, "eps": cfg.eps,
             "eval": {"seed": cfg.seed, "batch_size": cfg.eval_batch_size, "steps": cfg.eval_steps,
-                     "limit": cfg.eval_limit}, **data.meta()}
+                     "limit": cfg.eval_limit},
+            "holdout": {"samples": len(holdout_set) if holdout_set else 0, "train_limit": cfg.train_limit},
+            **data.meta()}
     if local is not None:
         meta["placement"] = local.layout(len(train_set))
     picked = ckpt.pick(out / "checkpoints", meta) if cfg.resume else None
