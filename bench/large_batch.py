@@ -508,25 +508,31 @@ def curve_autoattack(args, deadline: float) -> None:
               f"on AutoAttack's {record['pgd50_samples']} images", flush=True)
 
 
-def strong_pgd(record: dict, args, port: int) -> dict:
-    """PGD-10 and PGD-50 with 5 restarts on AutoAttack's images, by ``recipes/evaluate.py`` (a summary
-    of the same command already in ``eval_pgd50/`` is read instead): is AutoAttack's extra bite a
-    stronger optimizer's, or something PGD cannot find?"""
+def strong_pgd(record: dict, args, port: int, split: str = "test") -> dict:
+    """PGD-10 and PGD-50 with 5 restarts by ``recipes/evaluate.py`` (a summary of the same command
+    already in its folder is read instead). ``test``: on AutoAttack's images (is AutoAttack's extra
+    bite a stronger optimizer's, or something PGD cannot find?); ``holdout``: on every held-out
+    training image (``val_*`` keys), the strong attack that picks between runs without the test set."""
     out = ROOT / record["output_dir"]
-    eval_dir, n = out / "eval_pgd50", args.curve_aa_limit
+    test = split == "test"
+    eval_dir, n = out / ("eval_pgd50" if test else "eval_val_pgd50"), args.curve_aa_limit if test else None
     summary = eval_dir / "eval_summary.json"
     s = json.loads(summary.read_text()) if summary.is_file() else {}
-    if not (s.get("eval_samples") == n and Path(s.get("run_dir", "")).name == out.name
+    if not ((s.get("eval_samples") == n or not test) and s.get("split", "test") == split
+            and Path(s.get("run_dir", "")).name == out.name
             and [(c["steps"], c["restarts"]) for c in s.get("pgd", [])] == [(10, 1), (50, 5)]):
         best = out / "checkpoints" / "best"
-        log = _beside(out, ".eval_pgd50.log")
-        code, _ = launch(["recipes/evaluate.py", "--checkpoint", str(best if best.is_dir() else out), "--eval-limit",
-                          str(n), "--batch-size", "250", "--pgd-steps", "10", "50", "--restarts", "1", "5",
-                          "--eps-sweep", "--steps-sweep", "--no-autoattack", "--output-dir", str(eval_dir)],
-                         args, log, port)
+        log = _beside(out, f".{eval_dir.name}.log")
+        code, _ = launch(["recipes/evaluate.py", "--checkpoint", str(best if best.is_dir() else out), "--split", split,
+                          *(["--eval-limit", str(n)] if n else []), "--batch-size", "250", "--pgd-steps", "10", "50",
+                          "--restarts", "1", "5", "--eps-sweep", "--steps-sweep", "--no-autoattack",
+                          "--output-dir", str(eval_dir)], args, log, port)
         if code != 0:
-            raise RuntimeError(f"{record['key']}: PGD-50 evaluation exit code {code}; see {log}")
+            raise RuntimeError(f"{record['key']}: PGD-50 evaluation ({split}) exit code {code}; see {log}")
         s = json.loads(summary.read_text())
+    if not test:
+        return {"val_pgd10_acc": s["pgd"][0]["robust_acc"], "val_pgd50_acc": s["pgd"][1]["robust_acc"],
+                "val_pgd50_samples": s["eval_samples"]}
     return {"pgd50_acc": s["pgd"][1]["robust_acc"], "pgd50_samples": s["eval_samples"],
             "pgd50_per_sample": per_sample(eval_dir, "pgd50x5")[1]}
 
@@ -734,23 +740,75 @@ def curve_rows(args) -> List[dict]:
     return out
 
 
+def plain_run(run: Run) -> Run:
+    """The curve's plain DAT-LAMB run a remedy run is judged against: same seed, LR and epochs."""
+    return Run(run.method, "pgd", run.seed, run.lr_mult, "curve", epochs=run.epochs)
+
+
+def judge_remedies(args, deadline: float) -> None:
+    """The validation judge, then the test figures of what it picks. PGD-10 flatters large-batch
+    LAMB (the curve's AutoAttack rows), so each remedy run and its plain run are compared under
+    PGD-50 with 5 restarts on every held-out training image; a remedy that beats its plain run there
+    gets AutoAttack and PGD-50 x 5 on the curve's AutoAttack images, beside the plain run's."""
+    for i, run in enumerate(remedy_runs(args)):
+        for key in (plain_run(run).key(args), run.key(args)):
+            record = load_record(key)
+            if record is None or "robust_acc" not in record or "val_pgd50_acc" in record:
+                continue
+            if time.time() > deadline:
+                print(f"--max-minutes reached: stopping before the held-out PGD-50 of {key}", flush=True)
+                return
+            record.update(strong_pgd(record, args, 29500 + (os.getpid() + i) % 400, "holdout"))
+            store(record)
+            print(f"  {key}: held-out PGD-50 x5 {_pct(record['val_pgd50_acc'])}", flush=True)
+    for i, run in enumerate(remedy_runs(args)):
+        record, plain = load_record(run.key(args)), load_record(plain_run(run).key(args))
+        if not (record and plain and "val_pgd50_acc" in record and "val_pgd50_acc" in plain
+                and record["val_pgd50_acc"] > plain["val_pgd50_acc"]):
+            continue
+        for rec in (plain, record):
+            if rec.get("autoattack_samples") == args.curve_aa_limit and rec.get("pgd50_samples") == args.curve_aa_limit:
+                continue
+            if time.time() > deadline:
+                print(f"--max-minutes reached: stopping before AutoAttack on {rec['key']}", flush=True)
+                return
+            port = 29500 + (os.getpid() + i) % 400
+            if rec.get("autoattack_samples") != args.curve_aa_limit:
+                rec.update(evaluate(rec, args, port, autoattack_only=True))
+            rec.update(aa_samples(rec))
+            rec.update(strong_pgd(rec, args, port))
+            store(rec)
+            print(f"  {rec['key']}: AA {_pct(rec['autoattack_acc'])}, PGD-50 x5 {_pct(rec['pgd50_acc'])} on "
+                  f"{rec['autoattack_samples']} test images", flush=True)
+
+
 def remedy_rows(args) -> List[dict]:
-    """Each remedy's runs beside the plain DAT-LAMB curve run of the same seed and epochs: validation
-    RA decides (``wins``), the test figures are reported."""
+    """Each remedy's runs beside the plain DAT-LAMB curve run of the same seed and epochs: the held-out
+    PGD-50 x 5 decides (``wins``; PGD-10 on the held-out images where that was not run), the test
+    figures are reported, with AutoAttack where the remedy won."""
     out = []
     for run in remedy_runs(args):
         rec = load_record(run.key(args))
-        plain = load_record(Run(run.method, "pgd", run.seed, run.lr_mult, "curve", epochs=run.epochs).key(args))
+        plain = load_record(plain_run(run).key(args)) or {}
         if rec is None or "robust_acc" not in rec:
             continue
+        judge = "val_pgd50_acc" if "val_pgd50_acc" in rec and "val_pgd50_acc" in plain else "val_robust_acc"
         r = REMEDIES[run.remedy]
-        out.append({"remedy": run.remedy, "what": r.what, "reference": r.reference, "seed": run.seed,
-                    "epochs": run.epochs, "global_batch_size": rec["global_batch_size"],
-                    "val_robust_acc": rec["val_robust_acc"],
-                    "plain_val_robust_acc": plain["val_robust_acc"] if plain else None,
-                    "clean_acc": rec["clean_acc"], "robust_acc": rec["robust_acc"],
-                    "plain_robust_acc": plain.get("robust_acc") if plain else None,
-                    "wins": bool(plain and rec["val_robust_acc"] > plain["val_robust_acc"])})
+        row = {"remedy": run.remedy, "what": r.what, "reference": r.reference, "seed": run.seed,
+               "epochs": run.epochs, "global_batch_size": rec["global_batch_size"],
+               "val_robust_acc": rec["val_robust_acc"], "plain_val_robust_acc": plain.get("val_robust_acc"),
+               "val_pgd50_acc": rec.get("val_pgd50_acc"), "plain_val_pgd50_acc": plain.get("val_pgd50_acc"),
+               "judged_by": "held-out PGD-50 x5" if judge == "val_pgd50_acc" else "held-out PGD-10",
+               "clean_acc": rec["clean_acc"], "plain_clean_acc": plain.get("clean_acc"),
+               "robust_acc": rec["robust_acc"], "plain_robust_acc": plain.get("robust_acc"),
+               "autoattack_acc": rec.get("autoattack_acc"), "plain_autoattack_acc": plain.get("autoattack_acc"),
+               "pgd50_acc": rec.get("pgd50_acc"), "plain_pgd50_acc": plain.get("pgd50_acc"),
+               "wins": bool(plain.get(judge) is not None and rec[judge] > plain[judge])}
+        if rec.get("autoattack_per_sample") and plain.get("autoattack_per_sample"):
+            only_remedy, only_plain, p_value = mcnemar(rec["autoattack_per_sample"], plain["autoattack_per_sample"])
+            row.update(autoattack_only_remedy=only_remedy, autoattack_only_plain=only_plain,
+                       autoattack_mcnemar_p=p_value)
+        out.append(row)
     return out
 
 
@@ -1120,6 +1178,7 @@ def main(argv=None) -> None:
         execute(conadv_runs(args), args, deadline, evaluate_too=True)
     if "remedies" in args.part:
         execute(remedy_runs(args), args, deadline, evaluate_too=True)
+        judge_remedies(args, deadline)
     if "curve-aa" in args.part:
         curve_autoattack(args, deadline)
     if "evaluate" in args.part:  # the runs of the phases named with it, or of all of them

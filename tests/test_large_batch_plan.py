@@ -215,7 +215,7 @@ def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
     assert (tmp_path / "plots" / "large_batch_curve.png").stat().st_size > 0
 
 
-def test_remedies_change_only_their_entries_and_are_judged_on_validation(study):
+def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, monkeypatch):
     args = parse(["--curve-epochs", "3", "12"])
     sweep_choices(args, DAT_LAMB=1.0)
     runs = {r.remedy: r for r in lb.remedy_runs(args)}
@@ -239,6 +239,36 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study):
     # validation decides, whatever the test set says
     assert rows["warmup"]["wins"] and not rows["trust-clamp"]["wins"]
     assert rows["warmup"]["plain_val_robust_acc"] == 0.70 and rows["trust-clamp"]["plain_robust_acc"] == 0.71
+    assert rows["warmup"]["judged_by"] == "held-out PGD-10"
+
+    # the strong judge: PGD-50 x 5 on the held-out images reverses PGD-10's order here; AutoAttack on the
+    # test images goes to the winner and its plain run only, and each evaluation runs once
+    val_pgd50 = {plain.key(args): 0.60, runs["warmup"].key(args): 0.58, runs["trust-clamp"].key(args): 0.63}
+    calls = []
+
+    def strong(rec, args, port, split="test"):
+        calls.append((rec["key"], split))
+        return ({"val_pgd10_acc": rec["val_robust_acc"], "val_pgd50_acc": val_pgd50[rec["key"]],
+                 "val_pgd50_samples": 5000} if split == "holdout" else
+                {"pgd50_acc": val_pgd50[rec["key"]] - 0.05, "pgd50_samples": 1000, "pgd50_per_sample": "1" * 1000})
+
+    monkeypatch.setattr(lb, "strong_pgd", strong)
+    monkeypatch.setattr(lb, "evaluate", lambda rec, args, port, autoattack_only=False: calls.append((rec["key"], "aa"))
+                   or {"autoattack_acc": val_pgd50[rec["key"]] - 0.1, "autoattack_samples": args.curve_aa_limit})
+    monkeypatch.setattr(lb, "aa_samples", lambda rec: {"autoattack_pgd_acc": 0.7, "autoattack_per_sample": (
+        "1" * 500 + "0" * 500 if rec["key"] == plain.key(args) else "1" * 530 + "0" * 470)})
+    lb.judge_remedies(args, deadline=float("inf"))
+    lb.judge_remedies(args, deadline=float("inf"))  # resumed: nothing is evaluated twice
+    assert sorted(calls) == sorted([(plain.key(args), "holdout"), (runs["warmup"].key(args), "holdout"),
+                                    (runs["trust-clamp"].key(args), "holdout"), (plain.key(args), "aa"),
+                                    (plain.key(args), "test"), (runs["trust-clamp"].key(args), "aa"),
+                                    (runs["trust-clamp"].key(args), "test")])
+    rows = {r["remedy"]: r for r in lb.remedy_rows(args)}
+    assert rows["trust-clamp"]["wins"] and not rows["warmup"]["wins"]
+    assert rows["warmup"]["judged_by"] == "held-out PGD-50 x5" and rows["warmup"]["autoattack_acc"] is None
+    assert rows["trust-clamp"]["autoattack_acc"] == pytest.approx(0.53)
+    assert rows["trust-clamp"]["plain_autoattack_acc"] == pytest.approx(0.50)
+    assert (rows["trust-clamp"]["autoattack_only_remedy"], rows["trust-clamp"]["autoattack_only_plain"]) == (30, 0)
 
 
 def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(study, tmp_path, monkeypatch):
