@@ -960,6 +960,14 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
             dat = pgd.get(("DAT-PGD", opt, e))
             if at and dat:
                 out += autoattack_notes(e, at, dat, f"DAT-{opt}")
+        at_lamb = pgd.get(("AT-PGD", "LAMB", e))
+        if at and at_lamb and lamb:  # the same optimizer at both batches: what the 8x batch alone costs
+            out.append(f"{e} epochs, LAMB at both batches: DAT-LAMB at {lamb['global_batch_size']} RA "
+                       f"{100 * lamb['robust_acc_mean']:.1f} % vs AT-LAMB at {at_lamb['global_batch_size']} "
+                       f"{100 * at_lamb['robust_acc_mean']:.1f} % "
+                       f"({100 * (lamb['robust_acc_mean'] - at_lamb['robust_acc_mean']):+.1f} points; AT-LAMB "
+                       f"{100 * (at_lamb['robust_acc_mean'] - at['robust_acc_mean']):+.1f} against AT-SGD)")
+            out += autoattack_notes(e, at_lamb, lamb, "DAT-LAMB", "AT-LAMB")
     for r in curve:
         if r["attack"] == "conadv":
             ref = pgd.get(("DAT-PGD", "LAMB", r["epochs"]))
@@ -987,8 +995,8 @@ def curve_notes(curve: List[dict], ttr: dict, args) -> List[str]:
     return out
 
 
-def autoattack_notes(epochs: int, at: dict, dat: dict, name: str = "DAT-LAMB") -> List[str]:
-    """AT-SGD and a DAT row (``name``) at ``epochs`` under AutoAttack, seed by seed where both have it
+def autoattack_notes(epochs: int, at: dict, dat: dict, name: str = "DAT-LAMB", at_name: str = "AT-SGD") -> List[str]:
+    """An AT row (``at_name``) and a DAT row (``name``) at ``epochs`` under AutoAttack, seed by seed where both have it
     (the same images, PGD-10 and PGD-50 x 5 on them beside it, an exact McNemar test image by
     image), then the seeds' mean."""
     out, gaps = [], []
@@ -1000,18 +1008,19 @@ def autoattack_notes(epochs: int, at: dict, dat: dict, name: str = "DAT-LAMB") -
         only_at, only_dat, p = mcnemar(a["per_sample"], d["per_sample"])
         gaps.append(100 * (d["acc"] - a["acc"]))
         out.append(f"{epochs} epochs under AutoAttack, seed {seed}, the first {at['autoattack_samples']} test "
-                   f"images: {name} {100 * d['acc']:.1f} % vs AT-SGD {100 * a['acc']:.1f} % ({gaps[-1]:+.1f} "
+                   f"images: {name} {100 * d['acc']:.1f} % vs {at_name} {100 * a['acc']:.1f} % ({gaps[-1]:+.1f} "
                    f"points; PGD-10 on the same images {100 * d['pgd_acc']:.1f} % vs {100 * a['pgd_acc']:.1f} %, "
                    f"{100 * (d['pgd_acc'] - a['pgd_acc']):+.1f}); AutoAttack takes "
                    f"{100 * (d['pgd_acc'] - d['acc']):.1f} points off {name}'s PGD-10 RA and "
                    f"{100 * (a['pgd_acc'] - a['acc']):.1f} off AT's; {only_at} images only AT survives, "
                    f"{only_dat} only {name}, exact McNemar p = {p:.1g}"
-                   + (f"; PGD-50 x 5 restarts between them: {name} {100 * d['pgd50_acc']:.1f} % vs AT-SGD "
+                   + (f"; PGD-50 x 5 restarts between them: {name} {100 * d['pgd50_acc']:.1f} % vs {at_name} "
                       f"{100 * a['pgd50_acc']:.1f} % ({100 * (d['pgd50_acc'] - a['pgd50_acc']):+.1f})"
                       if d.get("pgd50_acc") is not None and a.get("pgd50_acc") is not None else ""))
     if gaps:
         mean = statistics.fmean(gaps)
-        out.append(f"{epochs} epochs under AutoAttack, {name}, mean over {len(gaps)} seed(s): {mean:+.1f} points; "
+        out.append(f"{epochs} epochs under AutoAttack, {name} vs {at_name}, mean over {len(gaps)} seed(s): "
+                   f"{mean:+.1f} points; "
                    f"within 2 points under AutoAttack: {'yes' if mean >= -2 else 'no'}")
     return out
 

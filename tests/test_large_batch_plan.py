@@ -360,8 +360,8 @@ def test_autoattack_from_another_machine_beside_pgd_on_the_same_images(study, tm
     assert notes[0].endswith("8 images only AT survives, 0 only DAT-LAMB, exact McNemar p = 0.008; PGD-50 x 5 "
                              "restarts between them: DAT-LAMB 74.0 % vs AT-SGD 79.0 % (-5.0)")
     assert rec["pgd50_acc"] == 0.79 and len(rec["pgd50_per_sample"]) == 100 and dat["autoattack_pgd50_acc"] == 0.74
-    assert notes[2] == ("12 epochs under AutoAttack, DAT-LAMB, mean over 2 seed(s): -8.0 points; within 2 points under "
-                        "AutoAttack: no")
+    assert notes[2] == ("12 epochs under AutoAttack, DAT-LAMB vs AT-SGD, mean over 2 seed(s): -8.0 points; within 2 "
+                        "points under AutoAttack: no")
     # a summary of another command (other images, a CPU, another run) is not taken for it
     summary = tmp_path / "runs" / runs[0].key(args) / "eval_autoattack" / "eval_summary.json"
     good = json.loads(summary.read_text())
