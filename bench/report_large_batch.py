@@ -90,7 +90,7 @@ CURVE_COLUMNS = [("method", "method"), ("optimizer", "optimizer"), ("global_batc
                  ("autoattack_pgd50_acc", "PGD-50x5 % on AA's images"), ("autoattack_seeds", "AA seeds"),
                  ("autoattack_samples", "AA n"),
                  ("autoattack_device", "AA run on"), ("wall_s", "wall s / run")]
-TTR_COLUMNS = [("target", "target: AT-SGD's RA at"), ("target_ra", "target RA %"), ("method", "method"),
+TTR_COLUMNS = [("target", "target: AT's RA at"), ("target_ra", "target RA %"), ("method", "method"),
                ("global_batch_size", "global batch"), ("epochs", "epochs to reach"), ("ra", "RA there %"),
                ("this_ranks", "ranks"), ("this_hours", "hours, this machine's cores"),
                ("this_speedup", "speed-up vs AT on 1"), ("this_exchange_share", "exchange share of a step"),
@@ -154,7 +154,8 @@ def render_curve(name: str, data: dict) -> list:
     if not curve:
         return []
     out = ["### Time to robustness", "",
-           f"Wall-clock to reach AT-SGD's PGD-10 RA (batch {data['settings']['at_batch']}, one rank) with DAT on "
+           f"Wall-clock to reach AT's PGD-10 RA (AT-SGD's, and AT-LAMB's where it ran; batch "
+           f"{data['settings']['at_batch']}, one rank) with DAT on "
            f"{ttr.get('ranks')} ranks at 8x the batch. A model from measured parts, not a run on {ttr.get('ranks')} "
            "machines: epochs to reach = the first of the curve's epoch counts whose mean test RA is at least the "
            "target (so an upper bound at the grid's resolution); a step = the per-rank compute of its images "

@@ -215,6 +215,37 @@ def test_time_to_robustness_from_the_curve(study, tmp_path, monkeypatch):
     assert (tmp_path / "plots" / "large_batch_curve.png").stat().st_size > 0
 
 
+def test_time_to_robustness_aims_at_every_at_optimizer(study, tmp_path, monkeypatch):
+    """AT-LAMB at AT's batch is a target too (its own one-rank time), and the notes set DAT-LAMB
+    against it: the same optimizer at both batches."""
+    args = parse(["--at-lamb", "--curve-epochs", "3", "12", "--curve-methods", "AT-SGD", "AT-LAMB", "DAT-LAMB",
+                  "--dat-more-epochs"])
+    sweep_choices(args, AT_SGD=1.0, AT_LAMB=1.0, DAT_LAMB=1.0)
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "_params", lambda args: 1_000_000)
+    ra = {("AT-SGD", 3): 0.70, ("AT-SGD", 12): 0.74, ("AT-LAMB", 3): 0.76, ("AT-LAMB", 12): 0.73,
+          ("DAT-LAMB", 3): 0.60, ("DAT-LAMB", 12): 0.75}
+    for run in lb.curve_runs(args):
+        batch = run.method.scale * args.at_batch
+        updates = run.epochs * (55000 // batch)
+        store(run, args, 0.7, updates=updates, clean_acc=0.8, test_samples=10000,
+              robust_acc=ra[(run.label, run.epochs)], compute_s=0.002 * updates * batch / 2)
+    curve = lb.curve_rows(args)
+    ttr = lb.time_to_robustness(curve, args)
+    row = {(r["target"], r["method"]): r for r in ttr["rows"]}
+    assert row[("AT-LAMB, 3 epochs", "DAT-LAMB")]["epochs"] is None  # 75 % never reaches AT-LAMB's 76 %
+    reach = row[("AT-LAMB, 12 epochs", "DAT-LAMB")]
+    step = 128 * 0.002 + 2 * 7 / 8 * 4e6 * 8 / 1e9
+    assert reach["epochs"] == 12
+    assert reach["this_speedup"] == pytest.approx(12 * (55000 // 128) * 128 * 0.002 / (12 * (55000 // 1024) * step))
+    notes = lb.curve_notes(curve, ttr, args)
+    assert ("12 epochs, LAMB at both batches: DAT-LAMB at 1024 RA 75.0 % vs AT-LAMB at 128 73.0 % (+2.0 points; "
+            "AT-LAMB -1.0 against AT-SGD)") in notes
+    assert "time to AT-LAMB's 3-epoch RA (76.0 %): DAT-LAMB does not reach it within 12 epochs" in notes
+    assert any(n.startswith("time to AT-LAMB's 12-epoch RA (73.0 %): DAT-LAMB on 8 ranks gets there in 12 epochs, ")
+               and "faster than AT-LAMB on one rank" in n for n in notes)
+
+
 def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, monkeypatch):
     args = parse(["--curve-epochs", "3", "12"])
     sweep_choices(args, DAT_LAMB=1.0)
