@@ -782,6 +782,12 @@ def judge_remedies(args, deadline: float) -> None:
                   f"{rec['autoattack_samples']} test images", flush=True)
 
 
+def _held_out_outcomes(record: dict) -> Optional[str]:
+    """The held-out PGD-50 x 5 outcomes (0/1 per image) of a run, where ``judge_remedies`` wrote them."""
+    folder = ROOT / record["output_dir"] / "eval_val_pgd50" if record.get("output_dir") else None
+    return per_sample(folder, "pgd50x5")[1] if folder and (folder / "per_sample.csv").is_file() else None
+
+
 def remedy_rows(args) -> List[dict]:
     """Each remedy's runs beside the plain DAT-LAMB curve run of the same seed and epochs: the held-out
     PGD-50 x 5 decides (``wins``; PGD-10 on the held-out images where that was not run), the test
@@ -804,6 +810,10 @@ def remedy_rows(args) -> List[dict]:
                "autoattack_acc": rec.get("autoattack_acc"), "plain_autoattack_acc": plain.get("autoattack_acc"),
                "pgd50_acc": rec.get("pgd50_acc"), "plain_pgd50_acc": plain.get("pgd50_acc"),
                "wins": bool(plain.get(judge) is not None and rec[judge] > plain[judge])}
+        val, plain_val = _held_out_outcomes(rec), _held_out_outcomes(plain)
+        if val and plain_val and len(val) == len(plain_val):  # the two runs image by image on the held-out set
+            only_remedy, only_plain, p_value = mcnemar(val, plain_val)
+            row.update(val_only_remedy=only_remedy, val_only_plain=only_plain, val_mcnemar_p=p_value)
         if rec.get("autoattack_per_sample") and plain.get("autoattack_per_sample"):
             only_remedy, only_plain, p_value = mcnemar(rec["autoattack_per_sample"], plain["autoattack_per_sample"])
             row.update(autoattack_only_remedy=only_remedy, autoattack_only_plain=only_plain,

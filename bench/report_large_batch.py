@@ -190,7 +190,8 @@ def render_curve(name: str, data: dict) -> list:
                                          ("clean_acc", "TA %"), ("plain_clean_acc", "plain %"),
                                          ("robust_acc", "RA PGD-10 %"), ("plain_robust_acc", "plain %"),
                                          ("autoattack_acc", "AA %"), ("plain_autoattack_acc", "plain %"),
-                                         ("judged_by", "judged by"), ("wins", "wins")]), ""]
+                                         ("judged_by", "judged by"), ("wins", "wins"),
+                                         ("val_mcnemar_p", "val McNemar p")]), ""]
     if plot_curve(data, PLOTS / f"{name}_curve.png"):
         out += [f"![RA vs epochs and modelled minutes](plots/{name}_curve.png)", ""]
     rerun = ", ".join(dict.fromkeys(f"{r['method'].split('-')[0]}-{r['optimizer']}" for r in curve

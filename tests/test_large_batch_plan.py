@@ -249,7 +249,7 @@ def test_time_to_robustness_aims_at_every_at_optimizer(study, tmp_path, monkeypa
     assert not any("AT-LAMB's 12-epoch" in n for n in notes)
 
 
-def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, monkeypatch):
+def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, tmp_path, monkeypatch):
     args = parse(["--curve-epochs", "3", "12"])
     sweep_choices(args, DAT_LAMB=1.0)
     runs = {r.remedy: r for r in lb.remedy_runs(args)}
@@ -303,6 +303,14 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, 
     assert rows["trust-clamp"]["autoattack_acc"] == pytest.approx(0.53)
     assert rows["trust-clamp"]["plain_autoattack_acc"] == pytest.approx(0.50)
     assert (rows["trust-clamp"]["autoattack_only_remedy"], rows["trust-clamp"]["autoattack_only_plain"]) == (30, 0)
+    # the held-out outcomes image by image, as evaluate.py wrote them: how sure the judge is
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    for key, col in ((plain.key(args), [1] * 60 + [0] * 40), (runs["trust-clamp"].key(args), [1] * 63 + [0] * 37)):
+        write_eval(tmp_path / "runs" / key / "eval_val_pgd50", {"pgd50x5_linf_eps0.1": col}, 100)
+        lb.store({**lb.load_record(key), "output_dir": f"runs/{key}"})
+    row = next(r for r in lb.remedy_rows(args) if r["remedy"] == "trust-clamp")
+    assert (row["val_only_remedy"], row["val_only_plain"]) == (3, 0)
+    assert row["val_mcnemar_p"] == pytest.approx(0.25)
 
 
 def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(study, tmp_path, monkeypatch):
