@@ -17,7 +17,7 @@ TRAIN = ["--backbone", "test_resnet", "--stem", "native", "--train-limit", "3000
          "--epochs", "2", "--steps", "2", "--eval-steps", "2",
          "--deepspeed_config", ROOT / "tests" / "configs" / "tiny_lamb.json"]
 SUMMARY_KEYS = {"clean_acc", "pgd", "eps_sweep", "steps_sweep", "autoattack", "worst_case_acc", "eval_samples",
-                "checkpoint", "run_dir", "model", "dataset", "norm", "eps", "seed", "batch_size", "world_size",
+                "checkpoint", "run_dir", "model", "dataset", "split", "norm", "eps", "seed", "batch_size", "world_size",
                 "device", "eval_s", "columns"}
 PGD_KEYS = {"eps", "steps", "alpha", "restarts", "norm", "robust_acc"}
 
@@ -98,7 +98,7 @@ def test_outputs_have_the_documented_keys(suite):
     s, out = suite
     assert SUMMARY_KEYS <= set(s)
     assert s["model"]["backbone"] == "test_resnet" and s["eps"] == 0.1 and s["norm"] == "linf"
-    assert s["eval_samples"] == 16 and s["world_size"] == 1 and s["device"] == "cpu"
+    assert s["eval_samples"] == 16 and s["world_size"] == 1 and s["device"] == "cpu" and s["split"] == "test"
     assert all(set(r) == PGD_KEYS for r in s["pgd"] + s["eps_sweep"] + s["steps_sweep"])
     with open(out / "per_sample.csv") as f:
         rows = list(csv.DictReader(f))
