@@ -109,6 +109,8 @@ REMEDIES = {
                           config=(("optimizer.params.c_l", 0.01), ("optimizer.params.c_u", 1.0))),
     "label-smoothing": Remedy("label smoothing 0.1 of the training targets", "Szegedy et al. 2016; Goyal et al. 2017",
                               flags=("--label-smoothing", "0.1")),
+    "views": Remedy("2 adversarial views of each image per rank, each from its own random start (2x the compute "
+                    "per update)", "Hoffer et al. 2020 (batch augmentation)", flags=("--views", "2")),
 }
 
 
@@ -809,6 +811,7 @@ def remedy_rows(args) -> List[dict]:
                "robust_acc": rec["robust_acc"], "plain_robust_acc": plain.get("robust_acc"),
                "autoattack_acc": rec.get("autoattack_acc"), "plain_autoattack_acc": plain.get("autoattack_acc"),
                "pgd50_acc": rec.get("pgd50_acc"), "plain_pgd50_acc": plain.get("pgd50_acc"),
+               "compute_vs_plain": rec["compute_s"] / plain["compute_s"] if plain.get("compute_s") else None,
                "wins": bool(plain.get(judge) is not None and rec[judge] > plain[judge])}
         val, plain_val = _held_out_outcomes(rec), _held_out_outcomes(plain)
         if val and plain_val and len(val) == len(plain_val):  # the two runs image by image on the held-out set

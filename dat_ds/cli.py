@@ -362,6 +362,10 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="radius in [0,1] pixels (Linf, or L2 for pgd_l2), e.g. 8/255")
     g.add_argument("--loss", default="madry", choices=objectives.names(),
                    help=choices_help("training objective (outer minimization)", objectives.OBJECTIVES))
+    g.add_argument("--views", type=int, default=1, metavar="M",
+                   help="adversarial views of each image per rank: each image M times in its minibatch, each copy "
+                        "from its own random start (batch augmentation; per-rank batch M x micro, M x the compute "
+                        "per update; 1: none)")
     g.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust-accuracy check")
     g = p.add_argument_group("held-out check (FGSM safety)")
     g.add_argument("--holdout", type=int, default=None,

@@ -189,3 +189,40 @@ def test_label_smoothing_of_the_ce_objectives():
     args = cli.parser("t").parse_args(["--backbone", "test_resnet", "--loss", "trades", "--label-smoothing", "0.1"])
     with pytest.raises(ValueError, match="label-smoothing"):
         cli.train_config(args)
+
+
+def test_views_put_each_image_in_its_minibatch_m_times_each_from_its_own_random_start(make_engine):
+    engine = make_engine()
+    seen = []
+
+    class Recording(objectives.Madry):
+        def loss(self, engine, x, x_adv, y):
+            seen.append((x.clone(), x_adv.clone(), y.clone()))
+            return super().loss(engine, x, x_adv, y)
+
+    data = batches(2, seed=3)
+    pgd = attacks.create("pgd", eps=0.1, steps=1)
+    stats = train_epoch(engine, data, pgd, compress.create("none"), Timers(), objective=Recording(), views=3)
+    assert stats["micro_steps"] == 2 and engine.global_steps == 2  # one update per minibatch, as without views
+    for (x0, y0), (x, x_adv, y) in zip(data, seen):
+        assert len(x) == 48 and torch.equal(y, y0.repeat(3))
+        for v in range(3):
+            assert torch.equal(x[16 * v:16 * (v + 1)], x0)
+        assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+        for a, b in ((0, 1), (0, 2), (1, 2)):  # three different adversarial examples of every image
+            diff = (x_adv[16 * a:16 * (a + 1)] - x_adv[16 * b:16 * (b + 1)]).flatten(1).abs().amax(1)
+            assert (diff > 0).all()
+
+
+def test_views_need_a_random_start():
+    from dat_ds import cli
+
+    def config(*flags):
+        return cli.train_config(cli.parser("t").parse_args(["--backbone", "test_resnet", *flags]))
+    assert config("--views", "2").views == 2
+    assert config("--views", "2", "--loss", "trades", "--no-random-start").views == 2  # TRADES' x + 0.001 N(0, 1)
+    for flags, message in ((("--views", "0"), "--views must be >= 1"),
+                           (("--views", "2", "--no-random-start"), "needs an attack with a random start"),
+                           (("--views", "2", "--attack", "free"), "needs an attack with a random start")):
+        with pytest.raises(ValueError, match=message):
+            config(*flags).validate()

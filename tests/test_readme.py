@@ -42,7 +42,7 @@ TINY = {
     "recipes/evaluate.py": {"--eval-limit": ["16"], "--pgd-steps": ["2"], "--steps-sweep": ["1", "2"]},
     "recipes/certify.py": {"--eval-limit": ["2"], "--N": ["200"], "--N0": ["20"], "--batch-size": ["100"]},
     "recipes/export.py": {},
-    "bench/transfer.py": {"--pretrain-limit": ["128"], "--pretrain-epochs": ["1"], "--target-limit": ["64"],
+    "bench/transfer.py": {"--pretrain-limit": ["128"], "--pretrain-epochs": ["1"], "--target-limit": ["128"],
                           "--epochs": ["1"], "--eval-limit": ["32"], "--steps": ["1"]},
 }
 # PGD-1 for the recipes' default PGD-10, where a command keeps it (another --attack may not take --steps).

@@ -80,6 +80,7 @@ class TrainConfig:
     attack_kwargs: dict = field(default_factory=dict)  # e.g. {"steps": 3, "alpha": 0.02}
     loss: str = "madry"
     loss_kwargs: dict = field(default_factory=dict)  # e.g. {"beta": 6.0}
+    views: int = 1  # adversarial views of each image per rank (batch augmentation): per-rank batch views x micro
     # robust-accuracy check and FGSM safety
     eval_steps: int = 10
     eval_batch_size: int = 256
@@ -110,7 +111,7 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("eval_steps", 1), ("holdout", 0), ("eval_batch_size", 1),
                           ("stop_after", 1), ("train_limit", 1), ("eval_limit", 1), ("img_size", 8),
                           ("num_workers", 0), ("seed", 0), ("save_every", 0), ("max_nonfinite", 0),
-                          ("save_retries", 0)):
+                          ("save_retries", 0), ("views", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         for kwargs, name, flag in ((self.loss_kwargs, "lam", "lam"), (self.loss_kwargs, "beta", "beta"),
@@ -142,6 +143,16 @@ class TrainConfig:
         with _flag_names({**self.attack_kwargs, "eps": self.eps}):
             self.make_attack()  # checks attack name, eps, alpha, steps
         self.make_eval_attack()
+        self.check_views()
+
+    def check_views(self) -> None:
+        """``--views M`` > 1 repeats each image M times in its minibatch; only a random start makes the
+        copies M different adversarial examples rather than M identical ones."""
+        attack = self.make_attack()
+        if self.views > 1 and not (getattr(attack, "random_start", False) or attack.start_std > 0):
+            raise ValueError(f"--views {self.views} needs an attack with a random start (each view is one draw "
+                             f"of it): {self.attack!r} with these settings starts every view from the same point; "
+                             "use --views 1, or pgd/fgsm_rs/conadv with --random-start")
 
     def validate_world(self, world_size: int) -> None:
         """The settings that depend on the number of ranks."""

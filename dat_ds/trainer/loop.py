@@ -157,7 +157,7 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
                 objective: Optional[objectives.Objective] = None, progress=None,
                 guard: Optional[StepGuard] = None, state: Optional[EpochState] = None,
                 totals: Optional[Totals] = None, at_boundary: Optional[Callable] = None, ema=None,
-                batches: Optional[int] = None) -> dict:
+                batches: Optional[int] = None, views: int = 1) -> dict:
     """One pass over this rank's shard; returns the mean loss, bytes sent, the step count and
     ``"stopped": True`` when ``at_boundary`` ended it early.
 
@@ -165,13 +165,14 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
     replays of Free-m, a full gradient accumulation) and returns True to stop; ``state`` and
     ``totals`` resume an epoch part-way (the loader must then start at ``state.drawn``).
     ``batches`` caps the minibatches of the pass (:mod:`dat_ds.trainer.plan`: a pass ends on an
-    optimizer step); None trains the whole loader.
+    optimizer step); None trains the whole loader. ``views`` > 1 puts each image that many times
+    in its minibatch (:func:`repeated`).
     """
     state = state or EpochState()
     totals = totals or Totals(engine.device)
     objective = objective or objectives.Madry()
     ctx = step_context(engine, timers, state.carry)
-    batches = _counted(_to_device(loader, engine.device, input_format(engine.module)), state, batches)
+    batches = repeated(_counted(_to_device(loader, engine.device, input_format(engine.module)), state, batches), views)
     if guard is not None:
         guard.prepare(compressor, attack.shape, ema)
     for x, y, micro_steps in attack.shape.minibatches(ctx, batches, attack):
@@ -205,6 +206,18 @@ def train_epoch(engine, loader, attack: attacks.Attack, compressor: compress.Com
 def _to_device(loader, device, memory_format=torch.preserve_format) -> Iterator:
     for x, y in loader:
         yield to_device(x, y, device, memory_format)
+
+
+def repeated(batches: Iterator, views: int) -> Iterator:
+    """Each minibatch with every image ``views`` times (batch augmentation, Hoffer et al. 2020), repeated
+    on the device after the copy there: the attack's random start makes each copy its own adversarial
+    view, and the update averages over all of them. The loader, the sampler and the epoch's position
+    still count images once."""
+    if views == 1:
+        yield from batches
+        return
+    for x, y in batches:
+        yield x.repeat(views, *([1] * (x.dim() - 1))), y.repeat(views)
 
 
 def _counted(batches: Iterator, state: EpochState, limit: Optional[int]) -> Iterator:

@@ -219,7 +219,8 @@ def run_epoch(run: Run, state: EpochState, partial: Optional[ckpt.PartialEpoch])
     bar = _progress_bar(batches * run.updates_per_minibatch, state.epoch)
     with run.watchdog.watching():
         stats = train_epoch(engine, run.loader, run.attack, run.compressor, run.timers, run.objective, bar,
-                            run.guard, state, totals, lambda s, t: _at_boundary(run, s, t), run.ema, batches)
+                            run.guard, state, totals, lambda s, t: _at_boundary(run, s, t), run.ema, batches,
+                            run.cfg.views)
     if bar is not None:
         bar.close()
     if stats.get("stopped"):
