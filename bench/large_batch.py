@@ -493,7 +493,7 @@ def curve_autoattack(args, deadline: float) -> None:
             print(f"--max-minutes reached: stopping before AutoAttack on {run.key(args)}", flush=True)
             return
         print(f"autoattack {run.key(args)} ...", flush=True)
-        record.update(evaluate(record, args, 29500 + (os.getpid() + i) % 400, autoattack_only=True))
+        record.update(evaluate(record, args, _port(i), autoattack_only=True))
         store(record)
         print(f"  AA {_pct(record['autoattack_acc'])} on {record['autoattack_samples']}", flush=True)
     for i, run in enumerate(order):  # PGD-50 x 5 restarts on the same images: a strong PGD beside AutoAttack
@@ -503,11 +503,20 @@ def curve_autoattack(args, deadline: float) -> None:
         if time.time() > deadline:
             print(f"--max-minutes reached: stopping before PGD-50 on {run.key(args)}", flush=True)
             return
-        record.update(aa_samples(record))
-        record.update(strong_pgd(record, args, 29500 + (os.getpid() + i) % 400))
+        record.update(pgd_on_aa_images(record, args, _port(i)))
         store(record)
         print(f"  {run.key(args)}: PGD-10 {_pct(record['autoattack_pgd_acc'])}, PGD-50 x5 {_pct(record['pgd50_acc'])} "
               f"on AutoAttack's {record['pgd50_samples']} images", flush=True)
+
+
+def _port(i: int) -> int:
+    """A master port for the i-th launch of this process (another study process picks others)."""
+    return 29500 + (os.getpid() + i) % 400
+
+
+def pgd_on_aa_images(record: dict, args, port: int) -> dict:
+    """The AutoAttack images' per-sample outcomes, and PGD-10 and PGD-50 x 5 on the same images."""
+    return {**aa_samples(record), **strong_pgd(record, args, port)}
 
 
 def strong_pgd(record: dict, args, port: int, split: str = "test") -> dict:
@@ -596,7 +605,7 @@ def execute(runs: List[Run], args, deadline: float, evaluate_too: bool) -> None:
         if time.time() > deadline:
             print(f"--max-minutes reached: stopping before {key}; run again to continue", flush=True)
             return
-        port = 29500 + (os.getpid() + i) % 400
+        port = _port(i)
         if record is None:
             print(f"train {key} ...", flush=True)
             record = train(run, args, port)
@@ -760,7 +769,7 @@ def judge_remedies(args, deadline: float) -> None:
             if time.time() > deadline:
                 print(f"--max-minutes reached: stopping before the held-out PGD-50 of {key}", flush=True)
                 return
-            record.update(strong_pgd(record, args, 29500 + (os.getpid() + i) % 400, "holdout"))
+            record.update(strong_pgd(record, args, _port(i), "holdout"))
             store(record)
             print(f"  {key}: held-out PGD-50 x5 {_pct(record['val_pgd50_acc'])}", flush=True)
     for i, run in enumerate(remedy_runs(args)):
@@ -774,11 +783,10 @@ def judge_remedies(args, deadline: float) -> None:
             if time.time() > deadline:
                 print(f"--max-minutes reached: stopping before AutoAttack on {rec['key']}", flush=True)
                 return
-            port = 29500 + (os.getpid() + i) % 400
+            port = _port(i)
             if rec.get("autoattack_samples") != args.curve_aa_limit:
                 rec.update(evaluate(rec, args, port, autoattack_only=True))
-            rec.update(aa_samples(rec))
-            rec.update(strong_pgd(rec, args, port))
+            rec.update(pgd_on_aa_images(rec, args, port))
             store(rec)
             print(f"  {rec['key']}: AA {_pct(rec['autoattack_acc'])}, PGD-50 x5 {_pct(rec['pgd50_acc'])} on "
                   f"{rec['autoattack_samples']} test images", flush=True)
