@@ -214,6 +214,14 @@ def test_views_put_each_image_in_its_minibatch_m_times_each_from_its_own_random_
             assert (diff > 0).all()
 
 
+def test_views_keep_the_batch_memory_format():
+    from dat_ds.trainer.loop import repeated
+    x = torch.rand(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    (xs, ys), = repeated(iter([(x, torch.arange(4))]), 2)
+    assert xs.is_contiguous(memory_format=torch.channels_last) and torch.equal(xs[4:], x)
+    assert torch.equal(ys, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+
+
 def test_views_need_a_random_start():
     from dat_ds import cli
 

@@ -217,7 +217,7 @@ def repeated(batches: Iterator, views: int) -> Iterator:
         yield from batches
         return
     for x, y in batches:
-        yield x.repeat(views, *([1] * (x.dim() - 1))), y.repeat(views)
+        yield torch.cat([x] * views), torch.cat([y] * views)  # cat keeps channels-last; repeat would not
 
 
 def _counted(batches: Iterator, state: EpochState, limit: Optional[int]) -> Iterator:
