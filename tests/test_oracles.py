@@ -234,3 +234,17 @@ def test_views_need_a_random_start():
                            (("--views", "2", "--attack", "free"), "needs an attack with a random start")):
         with pytest.raises(ValueError, match=message):
             config(*flags).validate()
+
+
+def test_the_large_batch_recipe_smooths_labels_by_default_and_a_loss_without_the_setting_is_untouched():
+    from conftest import recipe_module
+    from dat_ds import cli
+    parser = recipe_module("recipes/imagenet_dat.py").parser()
+
+    def config(*flags):
+        return cli.train_config(parser.parse_args(["--backbone", "test_resnet", *flags]))
+    assert config().loss_kwargs == {"label_smoothing": 0.1}
+    assert config("--label-smoothing", "0").loss_kwargs == {"label_smoothing": 0.0}
+    assert config("--loss", "trades").loss_kwargs == {}  # the recipe's default, not a flag the user gave
+    with pytest.raises(ValueError, match="label-smoothing"):
+        config("--loss", "trades", "--label-smoothing", "0.1")
