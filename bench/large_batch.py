@@ -819,7 +819,8 @@ def remedy_rows(args) -> List[dict]:
                "robust_acc": rec["robust_acc"], "plain_robust_acc": plain.get("robust_acc"),
                "autoattack_acc": rec.get("autoattack_acc"), "plain_autoattack_acc": plain.get("autoattack_acc"),
                "pgd50_acc": rec.get("pgd50_acc"), "plain_pgd50_acc": plain.get("pgd50_acc"),
-               "compute_vs_plain": rec["compute_s"] / plain["compute_s"] if plain.get("compute_s") else None,
+               # CPU seconds of the training processes: what a remedy costs, less moved by other work than wall time
+               "cpu_vs_plain": rec["train_cpu_s"] / plain["train_cpu_s"] if plain.get("train_cpu_s") else None,
                "wins": bool(plain.get(judge) is not None and rec[judge] > plain[judge])}
         val, plain_val = _held_out_outcomes(rec), _held_out_outcomes(plain)
         if val and plain_val and len(val) == len(plain_val):  # the two runs image by image on the held-out set

@@ -190,7 +190,7 @@ def render_curve(name: str, data: dict) -> list:
                                          ("clean_acc", "TA %"), ("plain_clean_acc", "plain %"),
                                          ("robust_acc", "RA PGD-10 %"), ("plain_robust_acc", "plain %"),
                                          ("autoattack_acc", "AA %"), ("plain_autoattack_acc", "plain %"),
-                                         ("compute_vs_plain", "compute x plain"),
+                                         ("cpu_vs_plain", "training CPU s x plain"),
                                          ("judged_by", "judged by"), ("wins", "wins"),
                                          ("val_mcnemar_p", "val McNemar p")]), ""]
     if plot_curve(data, PLOTS / f"{name}_curve.png"):
