@@ -834,6 +834,29 @@ def remedy_rows(args) -> List[dict]:
     return out
 
 
+def remedy_notes(remedies: List[dict]) -> List[str]:
+    """Each remedy over its seeds: how often it beat its plain run on the held-out judge, by how much,
+    and its AutoAttack change on the test images where it won."""
+    out = []
+    for name in dict.fromkeys(r["remedy"] for r in remedies):
+        runs = [r for r in remedies if r["remedy"] == name]
+        judged = [r for r in runs if r["val_pgd50_acc"] is not None and r["plain_val_pgd50_acc"] is not None]
+        wins = sum(r["wins"] for r in runs)
+        line = f"{name}: beat its plain run on the held-out PGD-50 x5 in {wins} of {len(runs)} seed(s)"
+        if judged:
+            line += ", " + ", ".join(f"{100 * (r['val_pgd50_acc'] - r['plain_val_pgd50_acc']):+.1f}" for r in judged)
+            line += " points"
+        aa = [r for r in runs if r["autoattack_acc"] is not None and r["plain_autoattack_acc"] is not None]
+        if aa:
+            line += "; under AutoAttack on the test images " + ", ".join(
+                f"{100 * (r['autoattack_acc'] - r['plain_autoattack_acc']):+.1f}" for r in aa) + " points"
+        cpu = [r["cpu_vs_plain"] for r in runs if r.get("cpu_vs_plain")]
+        if cpu:
+            line += f"; training CPU seconds {statistics.fmean(cpu):.2f}x the plain run's"
+        out.append(line)
+    return out
+
+
 def stored(phase: str) -> List[dict]:
     """The stored records of one phase's runs."""
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob(f"{phase}-*.json"))] if RUNS.is_dir() else []
@@ -1059,7 +1082,7 @@ def write_table(args) -> Path:
     payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
                "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
                "curve": curve, "time_to_robustness": ttr, "curve_notes": curve_notes(curve, ttr, args),
-               "remedies": remedy_rows(args),
+               "remedies": remedy_rows(args), "remedy_notes": remedy_notes(remedy_rows(args)),
                "notes": notes(table, args) + [
                    f"up to {args.seeds} seeds per final row (column seeds), PGD-10 on the test images of column "
                    f"test n, AutoAttack (standard) on the first AA n of them for the first seed of the PGD rows at "

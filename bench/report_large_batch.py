@@ -192,7 +192,9 @@ def render_curve(name: str, data: dict) -> list:
                                          ("autoattack_acc", "AA %"), ("plain_autoattack_acc", "plain %"),
                                          ("cpu_vs_plain", "training CPU s x plain"),
                                          ("judged_by", "judged by"), ("wins", "wins"),
-                                         ("val_mcnemar_p", "val McNemar p")]), ""]
+                                         ("val_mcnemar_p", "val McNemar p"),
+                                         ("autoattack_mcnemar_p", "AA McNemar p")]), ""]
+        out += [f"* {n}" for n in data.get("remedy_notes", [])] + [""]
     if plot_curve(data, PLOTS / f"{name}_curve.png"):
         out += [f"![RA vs epochs and modelled minutes](plots/{name}_curve.png)", ""]
     rerun = ", ".join(dict.fromkeys(f"{r['method'].split('-')[0]}-{r['optimizer']}" for r in curve

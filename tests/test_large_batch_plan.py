@@ -264,6 +264,7 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, 
     clamp = lb.ds_config(runs["trust-clamp"], args)["optimizer"]["params"]
     assert (clamp["c_l"], clamp["c_u"]) == (0.01, 1.0)
     assert lb.ds_config(runs["label-smoothing"], args) == plain_cfg  # a recipe flag, not a config entry
+    assert lb.ds_config(runs["views"], args) == plain_cfg and lb.REMEDIES["views"].flags == ("--views", "2")
     plain = lb.Run(runs["warmup"].method, "pgd", 0, 1.0, "curve", epochs=12)
     store(plain, args, 0.70, clean_acc=0.8, robust_acc=0.71, test_samples=10000)
     store(runs["warmup"], args, 0.72, clean_acc=0.8, robust_acc=0.70, test_samples=10000)
@@ -311,6 +312,10 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, 
     row = next(r for r in lb.remedy_rows(args) if r["remedy"] == "trust-clamp")
     assert (row["val_only_remedy"], row["val_only_plain"]) == (3, 0)
     assert row["val_mcnemar_p"] == pytest.approx(0.25)
+    notes = {n.split(":")[0]: n for n in lb.remedy_notes(lb.remedy_rows(args))}
+    assert notes["trust-clamp"] == ("trust-clamp: beat its plain run on the held-out PGD-50 x5 in 1 of 1 seed(s), "
+                                    "+3.0 points; under AutoAttack on the test images +3.0 points")
+    assert "0 of 1 seed(s), -2.0 points" in notes["warmup"] and "AutoAttack" not in notes["warmup"]
 
 
 def test_time_to_robustness_on_h200s_from_the_gpu_check_and_the_measured_link(study, tmp_path, monkeypatch):
