@@ -314,7 +314,8 @@ def test_remedies_change_only_their_entries_and_are_judged_on_validation(study, 
     assert row["val_mcnemar_p"] == pytest.approx(0.25)
     notes = {n.split(":")[0]: n for n in lb.remedy_notes(lb.remedy_rows(args))}
     assert notes["trust-clamp"] == ("trust-clamp: beat its plain run on the held-out PGD-50 x5 in 1 of 1 seed(s), "
-                                    "+3.0 points; under AutoAttack on the test images +3.0 points")
+                                    "+3.0 points; under AutoAttack on the test images +3.0 points; "
+                                    "training CPU seconds 1.00x the plain run's")
     assert "0 of 1 seed(s), -2.0 points" in notes["warmup"] and "AutoAttack" not in notes["warmup"]
 
 
