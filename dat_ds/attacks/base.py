@@ -126,6 +126,12 @@ class Attack(abc.ABC):
         """The spread of the start without a random start: ``START_STD`` of its loss, 0 (x itself) else."""
         return START_STD.get(self.loss, 0.0)
 
+    @property
+    def starts_at_random(self) -> bool:
+        """Whether two calls on the same batch start from different points (a random start, or the small
+        noise a loss starts from): what makes the copies of ``--views`` different adversarial examples."""
+        return bool(getattr(self, "random_start", False)) or self.start_std > 0
+
     @abc.abstractmethod
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attack's rule; runs inside :func:`attack_mode`."""

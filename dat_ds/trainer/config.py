@@ -148,8 +148,7 @@ class TrainConfig:
     def check_views(self) -> None:
         """``--views M`` > 1 repeats each image M times in its minibatch; only a random start makes the
         copies M different adversarial examples rather than M identical ones."""
-        attack = self.make_attack()
-        if self.views > 1 and not (getattr(attack, "random_start", False) or attack.start_std > 0):
+        if self.views > 1 and not self.make_attack().starts_at_random:
             raise ValueError(f"--views {self.views} needs an attack with a random start (each view is one draw "
                              f"of it): {self.attack!r} with these settings starts every view from the same point; "
                              "use --views 1, or pgd/fgsm_rs/conadv with --random-start")
