@@ -141,14 +141,11 @@ class TrainConfig:
         with _flag_names(self.compressor_kwargs):
             self.make_compressor()  # checks compressor name and settings
         with _flag_names({**self.attack_kwargs, "eps": self.eps}):
-            self.make_attack()  # checks attack name, eps, alpha, steps
+            attack = self.make_attack()  # checks attack name, eps, alpha, steps
         self.make_eval_attack()
-        self.check_views()
-
-    def check_views(self) -> None:
-        """``--views M`` > 1 repeats each image M times in its minibatch; only a random start makes the
-        copies M different adversarial examples rather than M identical ones."""
-        if self.views > 1 and not self.make_attack().starts_at_random:
+        # --views M repeats each image M times in its minibatch: only a random start makes the copies
+        # M different adversarial examples rather than M identical ones
+        if self.views > 1 and not attack.starts_at_random:
             raise ValueError(f"--views {self.views} needs an attack with a random start (each view is one draw "
                              f"of it): {self.attack!r} with these settings starts every view from the same point; "
                              "use --views 1, or pgd/fgsm_rs/conadv with --random-start")
