@@ -1079,10 +1079,11 @@ def write_table(args) -> Path:
     table = rows(args)
     curve = curve_rows(args)
     ttr = time_to_robustness(curve, args)
+    remedies = remedy_rows(args)
     payload = {"title": "Large-batch DAT vs small-batch AT, full Fashion-MNIST (Table 1 / Figure 2)",
                "machine": machine(), "settings": settings(args), "rows": table, "sweep": sweep_table(args),
                "curve": curve, "time_to_robustness": ttr, "curve_notes": curve_notes(curve, ttr, args),
-               "remedies": remedy_rows(args), "remedy_notes": remedy_notes(remedy_rows(args)),
+               "remedies": remedies, "remedy_notes": remedy_notes(remedies),
                "notes": notes(table, args) + [
                    f"up to {args.seeds} seeds per final row (column seeds), PGD-10 on the test images of column "
                    f"test n, AutoAttack (standard) on the first AA n of them for the first seed of the PGD rows at "

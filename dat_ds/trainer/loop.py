@@ -212,12 +212,10 @@ def repeated(batches: Iterator, views: int) -> Iterator:
     """Each minibatch with every image ``views`` times (batch augmentation, Hoffer et al. 2020), repeated
     on the device after the copy there: the attack's random start makes each copy its own adversarial
     view, and the update averages over all of them. The loader, the sampler and the epoch's position
-    still count images once."""
+    still count images once. With one view the batches pass untouched, no extra generator in the step."""
     if views == 1:
-        yield from batches
-        return
-    for x, y in batches:
-        yield torch.cat([x] * views), torch.cat([y] * views)  # cat keeps channels-last; repeat would not
+        return batches
+    return ((torch.cat([x] * views), torch.cat([y] * views)) for x, y in batches)  # cat keeps channels-last
 
 
 def _counted(batches: Iterator, state: EpochState, limit: Optional[int]) -> Iterator:
